@@ -1,0 +1,156 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgshift",
+    version,
+    about = "Upgrade a live PostgreSQL to a new major version: logical replication, then a cutover that pauses writes for milliseconds",
+    long_about = "Upgrade a live PostgreSQL to a new major version: logical replication, then a cutover that pauses writes for milliseconds.\n\n\
+Passwords are never given on the command line or in a URL: pgshift reads them from --password-file or PGPASSFILE \
+(pgpass format: host:port:database:user:password) or from PGPASSWORD."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log detail: error, warn, info, debug or trace (also RUST_LOG).
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Preflight: read-only checks of source, target and tools. Exit 0 ready, 1 blockers, 2 could not connect.
+    Check(Common),
+    /// Run the upgrade from wherever it stands: schema, replication, catch-up, cutover.
+    Run(RunArgs),
+    /// Show where the upgrade stands, read from both servers.
+    Status(Common),
+    /// Cut over now (after `run --cutover manual` reported ready).
+    Cutover(CutoverArgs),
+    /// Stop an unfinished upgrade and remove everything pgshift created, on both sides.
+    Abort(Common),
+    /// After a finished upgrade: drop the subscription, slots, publication and marker tables.
+    Cleanup(Common),
+    /// Try it on local servers: old and new PostgreSQL, PgBouncer, a live write load, the upgrade, a report.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// The server to upgrade, e.g. postgres://postgres@old-db:5432/app (no password in it).
+    #[arg(long, env = "PGSHIFT_SOURCE")]
+    pub source: String,
+    /// The new-version server, e.g. postgres://postgres@new-db:5432/app (no password in it).
+    #[arg(long, env = "PGSHIFT_TARGET")]
+    pub target: String,
+    /// A pgpass-format file with the passwords (host:port:database:user:password).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Databases to move (default: the one in the source URL).
+    #[arg(long, value_delimiter = ',', conflicts_with = "all_databases")]
+    pub databases: Vec<String>,
+    /// Move every database of the source that accepts connections.
+    #[arg(long)]
+    pub all_databases: bool,
+    /// Directory with pg_dump and psql of the target's major (default: PATH).
+    #[arg(long)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// host:port the target server uses to reach the source, if not the source URL's.
+    #[arg(long, value_parser = parse_address)]
+    pub source_address_from_target: Option<(String, u16)>,
+    #[command(flatten)]
+    pub pgbouncer: PgbouncerArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PgbouncerArgs {
+    /// PgBouncer's admin console, e.g. postgres://pgbouncer@bouncer:6432/pgbouncer. Without it, direct mode.
+    #[arg(long)]
+    pub pgbouncer: Option<String>,
+    /// PgBouncer's config file, whose [databases] entries pgshift repoints at cutover.
+    #[arg(long, requires = "pgbouncer")]
+    pub pgbouncer_config: Option<PathBuf>,
+    /// PgBouncer entries to move (default: every entry that points at the source).
+    #[arg(long, value_delimiter = ',', requires = "pgbouncer")]
+    pub pgbouncer_db: Vec<String>,
+    /// host:port PgBouncer uses for the target, if not the target URL's.
+    #[arg(long, value_parser = parse_address, requires = "pgbouncer")]
+    pub pgbouncer_target_address: Option<(String, u16)>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub cutover: CutoverOptions,
+    /// auto: cut over as soon as in sync; manual: stop at ready-for-cutover.
+    #[arg(long, value_enum, default_value_t = CutoverWhen::Auto)]
+    pub cutover_mode: CutoverWhen,
+}
+
+#[derive(Args, Debug)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub cutover: CutoverOptions,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CutoverOptions {
+    /// The longest write pause allowed; past it, before the switch, the cutover aborts and clients resume on the source.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub max_pause: Duration,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutoverWhen {
+    Auto,
+    Manual,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Major version of the old server.
+    #[arg(long, default_value_t = 15)]
+    pub source_version: u32,
+    /// Major version of the new server (client tools of this major must be installed).
+    #[arg(long, default_value_t = 18)]
+    pub target_version: u32,
+    /// Size of the sample data: N thousand accounts rows and N × 10 thousand history rows.
+    #[arg(long, default_value_t = 10)]
+    pub scale: u32,
+    /// Concurrent clients writing through PgBouncer during the whole upgrade.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// How long the write load runs before the upgrade starts and after it ends.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Move clients without PgBouncer (direct mode): expect brief client errors.
+    #[arg(long)]
+    pub direct: bool,
+    #[command(flatten)]
+    pub cutover: CutoverOptions,
+    /// Print one JSON object with the figures.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_address(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("expected HOST:PORT, got {text:?}"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("invalid port in {text:?}"))?;
+    Ok((host.to_string(), port))
+}

@@ -1,0 +1,184 @@
+//! Progress on a terminal (a bar), plain log lines elsewhere, and the final reports.
+
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use pgshift_engine::cleanup::Status;
+use pgshift_engine::{Event, EventSink, Outcome};
+
+/// Draws engine events. JSON mode keeps stdout clean: progress goes to stderr only.
+#[derive(Clone)]
+pub struct Progress {
+    inner: Arc<Mutex<State>>,
+}
+
+struct State {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+    last_line: Option<Instant>,
+}
+
+/// Plain-text progress lines are throttled to one per this interval.
+const LINE_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Progress {
+    pub fn new(quiet: bool) -> Progress {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            inner: Arc::new(Mutex::new(State {
+                bar,
+                quiet,
+                last_line: None,
+            })),
+        }
+    }
+
+    pub fn sink(&self) -> EventSink {
+        let me = self.clone();
+        Arc::new(move |event| me.show(event))
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = self.inner.lock().expect("progress lock").bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn show(&self, event: Event) {
+        let mut state = self.inner.lock().expect("progress lock");
+        if state.quiet {
+            if let Event::Warning { message } | Event::ApplyFailing { cause: message, .. } = &event
+            {
+                eprintln!("warning: {message}");
+            }
+            return;
+        }
+        let line = match &event {
+            Event::Phase { phase } => Some(format!("phase: {}", phase.name())),
+            Event::Step { database, step } => Some(format!("{database}: {step}")),
+            Event::Copy {
+                database,
+                tables_ready,
+                tables_total,
+                tables_copying,
+                bytes_copied,
+                bytes_total,
+            } => {
+                if let Some(bar) = &state.bar {
+                    bar.set_prefix("copy");
+                    bar.set_length(*tables_total as u64);
+                    bar.set_position(*tables_ready as u64);
+                    bar.set_message(format!(
+                        "{database}: {tables_copying} copying, {} of {}",
+                        megabytes(*bytes_copied),
+                        megabytes(*bytes_total)
+                    ));
+                    return;
+                }
+                throttled(&mut state, format!(
+                    "{database}: initial copy {tables_ready}/{tables_total} tables ready, {tables_copying} copying, {} copied of about {}",
+                    megabytes(*bytes_copied),
+                    megabytes(*bytes_total)
+                ))
+            }
+            Event::CatchUp {
+                lag_bytes,
+                source_bytes_per_s,
+                applied_bytes_per_s,
+            } => {
+                let text = format!(
+                    "lag {} (source writes {}/s, target applies {}/s)",
+                    megabytes(*lag_bytes),
+                    megabytes(*source_bytes_per_s as i64),
+                    megabytes(*applied_bytes_per_s as i64)
+                );
+                if let Some(bar) = &state.bar {
+                    bar.set_prefix("catch-up");
+                    bar.set_message(text);
+                    return;
+                }
+                throttled(&mut state, text)
+            }
+            Event::ApplyFailing { database, cause } => {
+                Some(format!("{database}: replication is failing: {cause}"))
+            }
+            Event::CutoverStep { step, ms } => Some(format!("cutover: {step} {ms:.1} ms")),
+            Event::CutoverAborted { reason } => Some(format!("cutover aborted: {reason}")),
+            Event::Warning { message } => Some(format!("warning: {message}")),
+        };
+        if let Some(line) = line {
+            match &state.bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+}
+
+fn throttled(state: &mut State, line: String) -> Option<String> {
+    let due = state.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL);
+    if due {
+        state.last_line = Some(Instant::now());
+        Some(line)
+    } else {
+        None
+    }
+}
+
+pub fn megabytes(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+pub fn render_outcome(outcome: &Outcome) -> String {
+    let mut out = format!("finished: {}\n", outcome.finished.name());
+    for phase in &outcome.phases {
+        out.push_str(&format!("  {:<18} {:>8} ms\n", phase.name, phase.ms));
+    }
+    if let Some(cutover) = &outcome.cutover {
+        out.push_str(&format!(
+            "cutover ({}): writes paused {:.1} ms, {} sequences copied\n",
+            cutover.mode, cutover.pause_ms, cutover.sequences_synced
+        ));
+    }
+    if outcome.finished == pgshift_engine::Phase::ReadyForCutover {
+        out.push_str("ready for cutover: run `pgshift cutover` with the same arguments\n");
+    }
+    out
+}
+
+pub fn render_status(status: &Status) -> String {
+    let mut out = format!("phase: {}\n", status.phase.name());
+    for db in &status.databases {
+        let d = &db.database;
+        out.push_str(&format!(
+            "database {}: {} (next: {})\n",
+            d.name,
+            db.phase.name(),
+            db.next
+        ));
+        if let Some(sub) = &d.subscription {
+            out.push_str(&format!(
+                "  tables ready {}/{}, copying {}, replication errors {}\n",
+                sub.tables_ready, sub.tables_total, sub.tables_copying, sub.errors
+            ));
+        }
+        if let Some(slot) = &d.slot {
+            out.push_str(&format!("  lag {}\n", megabytes(slot.lag_bytes)));
+        }
+        if let Some(problem) = &db.apply_problem {
+            out.push_str(&format!("  problem: {problem}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,388 @@
+//! Where a server is and how to log in to it, without ever holding a password in a URL.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::error::{Error, Result, Side};
+
+/// A password that never shows up in Debug output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One PostgreSQL server (or PgBouncer) endpoint: address, login and database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub side: Side,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub connect_timeout: Duration,
+}
+
+/// Where passwords come from, in libpq's order: a pgpass file, then PGPASSWORD.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordSources {
+    /// `--password-file`, in pgpass format; takes precedence over PGPASSFILE.
+    pub password_file: Option<PathBuf>,
+    pub pgpassfile_env: Option<PathBuf>,
+    pub home_pgpass: Option<PathBuf>,
+    pub pgpassword_env: Option<Secret>,
+}
+
+impl PasswordSources {
+    /// Reads PGPASSFILE, ~/.pgpass and PGPASSWORD from the environment.
+    pub fn from_env(password_file: Option<PathBuf>) -> Self {
+        PasswordSources {
+            password_file,
+            pgpassfile_env: std::env::var_os("PGPASSFILE").map(PathBuf::from),
+            home_pgpass: std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")),
+            pgpassword_env: std::env::var("PGPASSWORD").ok().map(Secret::new),
+        }
+    }
+
+    fn lookup(&self, host: &str, port: u16, dbname: &str, user: &str) -> Result<Option<Secret>> {
+        let files = [&self.password_file, &self.pgpassfile_env, &self.home_pgpass];
+        for (index, file) in files.into_iter().enumerate() {
+            let Some(path) = file else { continue };
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                // --password-file must exist; the libpq defaults are optional.
+                Err(source) if index == 0 => {
+                    return Err(Error::Io {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+                Err(_) => continue,
+            };
+            if let Some(found) = pgpass_lookup(&text, host, port, dbname, user) {
+                return Ok(Some(Secret::new(found)));
+            }
+        }
+        Ok(self.pgpassword_env.clone())
+    }
+}
+
+impl Endpoint {
+    /// Parses a `postgres://user@host:port/db` URL (or `key=value` conninfo). A password in it is
+    /// refused: it would be visible in the process list.
+    pub fn parse(side: Side, url: &str, passwords: &PasswordSources) -> Result<Endpoint> {
+        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            Error::invalid(
+                format!("{side} URL"),
+                format!("{e}; expected postgres://USER@HOST:PORT/DATABASE"),
+            )
+        })?;
+        if config.get_password().is_some() {
+            return Err(Error::PasswordInUrl { side });
+        }
+        let host = match config.get_hosts() {
+            [tokio_postgres::config::Host::Tcp(host)] => host.clone(),
+            [] => {
+                return Err(Error::invalid(
+                    format!("{side} URL"),
+                    "no host given; expected postgres://USER@HOST:PORT/DATABASE",
+                ))
+            }
+            _ => {
+                return Err(Error::invalid(
+                    format!("{side} URL"),
+                    "give exactly one TCP host (unix sockets and host lists are not supported)",
+                ))
+            }
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = match config.get_user() {
+            Some(user) => user.to_string(),
+            None => std::env::var("PGUSER").map_err(|_| {
+                Error::invalid(
+                    format!("{side} URL"),
+                    "no user given; write it in the URL (postgres://USER@HOST/DB) or set PGUSER",
+                )
+            })?,
+        };
+        let dbname = config
+            .get_dbname()
+            .map(str::to_string)
+            .unwrap_or_else(|| user.clone());
+        let password = passwords.lookup(&host, port, &dbname, &user)?;
+        Ok(Endpoint {
+            side,
+            host,
+            port,
+            user,
+            dbname,
+            password,
+            connect_timeout: config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10)),
+        })
+    }
+
+    /// The same server, another database.
+    pub fn with_dbname(&self, dbname: &str) -> Endpoint {
+        Endpoint {
+            dbname: dbname.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// `host:port/db` for messages (never the password).
+    pub fn address(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+
+    pub fn config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("pgshift")
+            .connect_timeout(self.connect_timeout);
+        if let Some(password) = &self.password {
+            config.password(password.expose());
+        }
+        config
+    }
+
+    /// Connects and spawns the connection's I/O task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let (client, connection) =
+            self.config()
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| Error::Connect {
+                    side: self.side,
+                    address: self.address(),
+                    reason: connect_hint(&e, self),
+                })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A libpq conninfo string for this endpoint, as the target's subscription uses it to reach
+    /// the source. Values are quoted by libpq's rules; the result holds the password.
+    pub fn conninfo(&self) -> String {
+        let mut parts = vec![
+            format!("host={}", conninfo_value(&self.host)),
+            format!("port={}", self.port),
+            format!("dbname={}", conninfo_value(&self.dbname)),
+            format!("user={}", conninfo_value(&self.user)),
+            "application_name=pgshift".to_string(),
+        ];
+        if let Some(password) = &self.password {
+            parts.push(format!("password={}", conninfo_value(password.expose())));
+        }
+        parts.join(" ")
+    }
+}
+
+/// Turns a driver error at connect time into a sentence that says what to check.
+fn connect_hint(error: &tokio_postgres::Error, endpoint: &Endpoint) -> String {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        return match code {
+            "28P01" | "28000" if db.message().contains("password") => format!(
+                "password authentication failed for user {:?}; check the password in your pgpass file \
+                 (PGPASSFILE or --password-file) or PGPASSWORD",
+                endpoint.user
+            ),
+            "28000" => format!(
+                "{}; allow this client in pg_hba.conf of that server",
+                db.message()
+            ),
+            "3D000" => format!(
+                "{}; create it first or name an existing database in the URL",
+                db.message()
+            ),
+            _ => db.message().to_string(),
+        };
+    }
+    let text = error.to_string();
+    if text.contains("password missing") {
+        return format!(
+            "the server asks for a password and none was found for {}@{}:{}; put it in a pgpass file \
+             (PGPASSFILE or --password-file) or PGPASSWORD",
+            endpoint.user, endpoint.host, endpoint.port
+        );
+    }
+    let source = std::error::Error::source(error)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    format!("{text} {source}; check that the server runs and the host and port are right")
+        .trim()
+        .to_string()
+}
+
+/// Quotes a value for a libpq conninfo string: single quotes, with `\` and `'` escaped.
+pub fn conninfo_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for ch in value.chars() {
+        if ch == '\\' || ch == '\'' {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out.push('\'');
+    out
+}
+
+/// Finds the password for an endpoint in pgpass text (`host:port:db:user:password`, `*` matches
+/// anything, `\:` and `\\` are escapes), first match wins, like libpq.
+pub fn pgpass_lookup(
+    text: &str,
+    host: &str,
+    port: u16,
+    dbname: &str,
+    user: &str,
+) -> Option<String> {
+    let port = port.to_string();
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#') && !line.trim().is_empty())
+        .filter_map(split_pgpass_line)
+        .find(|fields| {
+            let wanted = [host, port.as_str(), dbname, user];
+            fields[..4]
+                .iter()
+                .zip(wanted)
+                .all(|(field, want)| field == "*" || field == want)
+        })
+        .map(|mut fields| fields.pop().unwrap_or_default())
+}
+
+fn split_pgpass_line(line: &str) -> Option<Vec<String>> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\\' => fields.last_mut()?.push(chars.next().unwrap_or('\\')),
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            _ => fields.last_mut()?.push(ch),
+        }
+    }
+    (fields.len() == 5).then_some(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_passwords() -> PasswordSources {
+        PasswordSources::default()
+    }
+
+    #[test]
+    fn url_with_password_is_refused() {
+        let err = Endpoint::parse(
+            Side::Source,
+            "postgres://app:secret@db:5432/app",
+            &no_passwords(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::PasswordInUrl { side: Side::Source }));
+        assert!(!err.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn url_parts_are_read() {
+        let e = Endpoint::parse(
+            Side::Target,
+            "postgres://app@db.example:6543/shop",
+            &no_passwords(),
+        )
+        .unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port, e.user.as_str(), e.dbname.as_str()),
+            ("db.example", 6543, "app", "shop")
+        );
+        assert_eq!(e.password, None);
+    }
+
+    #[test]
+    fn pgpass_matches_first_line_with_wildcards_and_escapes() {
+        let text =
+            "# comment\nother:5432:*:app:nope\ndb:5432:*:app:pa\\:ss\\\\word\n*:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, "db", 5432, "shop", "app").as_deref(),
+            Some("pa:ss\\word")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "x", 1, "y", "z").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(
+            pgpass_lookup("db:5432:shop:app\n", "db", 5432, "shop", "app"),
+            None
+        );
+    }
+
+    #[test]
+    fn password_file_wins_over_pgpassword() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgpass");
+        std::fs::write(&file, "db:5432:*:app:from-file\n").unwrap();
+        let sources = PasswordSources {
+            password_file: Some(file),
+            pgpassword_env: Some(Secret::new("from-env")),
+            ..Default::default()
+        };
+        let e = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
+        assert_eq!(e.password.unwrap().expose(), "from-file");
+        let e = Endpoint::parse(Side::Source, "postgres://other@db/shop", &sources).unwrap();
+        assert_eq!(e.password.unwrap().expose(), "from-env");
+    }
+
+    #[test]
+    fn missing_password_file_is_an_error() {
+        let sources = PasswordSources {
+            password_file: Some("/nonexistent/pgpass".into()),
+            ..Default::default()
+        };
+        assert!(Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).is_err());
+    }
+
+    #[test]
+    fn conninfo_quotes_values_by_libpq_rules() {
+        assert_eq!(conninfo_value("it's a \\ test"), "'it\\'s a \\\\ test'");
+        let e = Endpoint {
+            side: Side::Source,
+            host: "h".into(),
+            port: 1,
+            user: "u".into(),
+            dbname: "d b".into(),
+            password: Some(Secret::new("p'w")),
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(
+            e.conninfo(),
+            "host='h' port=1 dbname='d b' user='u' application_name=pgshift password='p\\'w'"
+        );
+        assert!(!format!("{e:?}").contains("p'w"));
+    }
+}

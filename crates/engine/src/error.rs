@@ -1,0 +1,141 @@
+//! Errors that tell the user what went wrong and what to do about it.
+
+use std::time::Duration;
+
+/// Which server a connection or statement was aimed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Target,
+    Pgbouncer,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+            Side::Pgbouncer => "pgbouncer",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {what}: {problem}")]
+    InvalidInput { what: String, problem: String },
+
+    #[error(
+        "the {side} URL contains a password; a URL is visible in the process list and in logs. \
+         Remove it and put the password in a pgpass file (PGPASSFILE or --password-file) or PGPASSWORD"
+    )]
+    PasswordInUrl { side: Side },
+
+    #[error("could not connect to the {side} at {address}: {reason}")]
+    Connect {
+        side: Side,
+        address: String,
+        reason: String,
+    },
+
+    #[error("{side}: {context}: {message}")]
+    Sql {
+        side: Side,
+        context: String,
+        message: String,
+        /// SQLSTATE, when the server sent one.
+        code: Option<String>,
+    },
+
+    #[error(
+        "preflight found {count} blocker(s); nothing was changed. Fix them and run again:\n{list}"
+    )]
+    Blocked { count: usize, list: String },
+
+    #[error("{0}")]
+    Tool(String),
+
+    #[error("the target database {database} already holds tables that pgshift did not create ({example}); \
+             pgshift only restores into an empty database. Drop them or choose another target")]
+    TargetNotEmpty { database: String, example: String },
+
+    #[error("replication into the target is failing for database {database}: {cause}. \
+             Cutover is refused while apply is failing; fix the cause on the target, then run again")]
+    ApplyFailing { database: String, cause: String },
+
+    #[error("cutover aborted after {elapsed:?} (budget {budget:?}) while {step}; clients were resumed on the \
+             source and replication keeps running. Find what slowed the step and run `pgshift cutover` again")]
+    CutoverAborted {
+        step: String,
+        elapsed: Duration,
+        budget: Duration,
+    },
+
+    #[error("pgbouncer: {0}")]
+    Pgbouncer(String),
+
+    #[error("{0}")]
+    State(String),
+
+    #[error("{what} did not finish within {waited:?}: {detail}")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        detail: String,
+    },
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A process exit code class: 2 for could-not-connect, 1 for everything else.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, Error::Connect { .. } | Error::PasswordInUrl { .. })
+    }
+
+    pub fn invalid(what: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what: what.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches which server and what pgshift was doing to a driver error.
+pub trait SqlContext<T> {
+    fn on(self, side: Side, context: &str) -> Result<T>;
+}
+
+impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn on(self, side: Side, context: &str) -> Result<T> {
+        self.map_err(|error| Error::Sql {
+            side,
+            context: context.to_string(),
+            message: server_message(&error),
+            code: error.code().map(|c| c.code().to_string()),
+        })
+    }
+}
+
+/// The server's own message (and detail/hint) of a driver error, for reports.
+pub fn server_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => {
+            let mut text = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                text.push_str(": ");
+                text.push_str(detail);
+            }
+            text
+        }
+        None => error.to_string(),
+    }
+}

@@ -1,0 +1,45 @@
+//! Names of everything pgshift creates. Each carries the `pgshift_` prefix, so that abort and
+//! cleanup can remove exactly these and nothing of the user's.
+
+pub const PREFIX: &str = "pgshift_";
+pub const PUBLICATION: &str = "pgshift_pub";
+pub const META_SCHEMA: &str = "pgshift_meta";
+pub const MARKER_TABLE: &str = "pgshift_marker";
+pub const STATE_TABLE: &str = "pgshift_state";
+
+/// Subscription on the target and slot on the source share one name, derived from the source
+/// database's OID: unique across the source cluster and always a valid slot name.
+pub fn subscription(source_database_oid: u32) -> String {
+    format!("{PREFIX}{source_database_oid}")
+}
+
+/// `LIKE` pattern of the temporary slots that the target's table-sync workers create on the
+/// source (`pg_<subid>_sync_<relid>_<sysid>`), which a crash during the initial copy can
+/// leave behind. The target's system identifier makes it ours.
+pub fn sync_slot_pattern(target_system_identifier: &str) -> String {
+    format!("pg\\_%\\_sync\\_%\\_{target_system_identifier}")
+}
+
+/// Steps recorded in the target's state table.
+pub mod step {
+    pub const SCHEMA: &str = "schema";
+    pub const ANALYZED: &str = "analyzed";
+    pub const SWITCHED: &str = "switched";
+    pub const FENCED: &str = "fenced";
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_carry_the_prefix() {
+        for name in [
+            super::PUBLICATION,
+            super::META_SCHEMA,
+            super::MARKER_TABLE,
+            super::STATE_TABLE,
+        ] {
+            assert!(name.starts_with(super::PREFIX));
+        }
+        assert_eq!(super::subscription(16384), "pgshift_16384");
+    }
+}

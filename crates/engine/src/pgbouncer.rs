@@ -1,0 +1,302 @@
+//! PgBouncer as the write fence and the switch: PAUSE waits for in-flight transactions and
+//! holds new ones; the `[databases]` entries are repointed in its config file and RELOADed;
+//! RESUME releases the held queries against the new server.
+
+use std::path::{Path, PathBuf};
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+
+/// How pgshift reaches a PgBouncer and which of its entries it moves.
+#[derive(Debug, Clone)]
+pub struct PgbouncerTarget {
+    /// The admin console (`.../pgbouncer` database, a user in `admin_users`).
+    pub admin: Endpoint,
+    /// The config file whose `[databases]` section pgshift rewrites.
+    pub config_path: PathBuf,
+    /// Entries to move; empty means every entry that points at the source.
+    pub entries: Vec<String>,
+    /// Address PgBouncer uses for the source, when it differs from the source URL's.
+    pub source_address: Option<(String, u16)>,
+    /// Address PgBouncer uses for the target, when it differs from the target URL's.
+    pub target_address: Option<(String, u16)>,
+}
+
+/// One `name = key=value ...` line of the `[databases]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+/// Parses the `[databases]` entries of a pgbouncer.ini.
+pub fn entries(ini: &str) -> Vec<Entry> {
+    database_lines(ini)
+        .map(|(_, name, connstr)| {
+            let params = parse_connstr(connstr);
+            let get = |key: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+            };
+            Entry {
+                name: name.to_string(),
+                host: get("host"),
+                port: get("port").and_then(|p| p.parse().ok()),
+            }
+        })
+        .collect()
+}
+
+/// Rewrites `host` and `port` of the named entries, keeping every other line and parameter.
+pub fn repoint(ini: &str, names: &[String], host: &str, port: u16) -> String {
+    let targets: Vec<usize> = database_lines(ini)
+        .filter(|(_, name, _)| names.iter().any(|n| n == name))
+        .map(|(index, _, _)| index)
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for (index, line) in ini.lines().enumerate() {
+        if !targets.contains(&index) {
+            out.push(line.to_string());
+            continue;
+        }
+        let (name, connstr) = line.split_once('=').expect("entry lines contain '='");
+        let mut params: Vec<(String, String)> = parse_connstr(connstr.trim())
+            .into_iter()
+            .filter(|(k, _)| k != "host" && k != "port")
+            .collect();
+        params.insert(0, ("port".into(), port.to_string()));
+        params.insert(0, ("host".into(), host.to_string()));
+        let rendered: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", quote_value(v)))
+            .collect();
+        out.push(format!("{} = {}", name.trim(), rendered.join(" ")));
+    }
+    let mut text = out.join("\n");
+    if ini.ends_with('\n') {
+        text.push('\n');
+    }
+    text
+}
+
+/// (line index, entry name, connection string) for each entry of `[databases]`.
+fn database_lines(ini: &str) -> impl Iterator<Item = (usize, &str, &str)> {
+    let mut section = String::new();
+    ini.lines().enumerate().filter_map(move |(index, line)| {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') && trimmed.ends_with(']') {
+            section = trimmed[1..trimmed.len() - 1].trim().to_ascii_lowercase();
+            return None;
+        }
+        if section != "databases" || trimmed.starts_with(';') || trimmed.starts_with('#') {
+            return None;
+        }
+        let (name, connstr) = trimmed.split_once('=')?;
+        Some((index, name.trim(), connstr.trim()))
+    })
+}
+
+/// PgBouncer's connection strings: `key=value` pairs, values optionally single-quoted with
+/// `''` for a quote inside.
+fn parse_connstr(connstr: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut chars = connstr.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars
+            .by_ref()
+            .take_while(|c| *c != '=')
+            .collect::<String>()
+            .trim()
+            .to_string();
+        if key.is_empty() {
+            break;
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                if c == '\'' {
+                    if chars.peek() == Some(&'\'') {
+                        chars.next();
+                        value.push('\'');
+                    } else {
+                        break;
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek().copied() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        params.push((key, value));
+    }
+    params
+}
+
+fn quote_value(value: &str) -> String {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:".contains(c))
+    {
+        value.to_string()
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
+}
+
+/// Reads the config file.
+pub fn read_config(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Replaces the config file atomically (write beside, then rename), keeping its permissions.
+pub fn write_config(path: &Path, text: &str) -> Result<()> {
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let temporary = path.with_extension("pgshift-new");
+    let permissions = std::fs::metadata(path).map_err(io)?.permissions();
+    std::fs::write(&temporary, text).map_err(io)?;
+    std::fs::set_permissions(&temporary, permissions).map_err(io)?;
+    // Keep the owner too: PgBouncer may run as another user that must still read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(io)?;
+        std::os::unix::fs::chown(&temporary, Some(meta.uid()), Some(meta.gid())).map_err(io)?;
+    }
+    std::fs::rename(&temporary, path).map_err(io)
+}
+
+/// The entries pgshift moves: the named ones, or all that point at the source.
+pub fn entries_to_move(
+    ini: &str,
+    target: &PgbouncerTarget,
+    source: &Endpoint,
+) -> Result<Vec<Entry>> {
+    let all = entries(ini);
+    let (host, port) = target
+        .source_address
+        .clone()
+        .unwrap_or_else(|| (source.host.clone(), source.port));
+    let chosen: Vec<Entry> = if target.entries.is_empty() {
+        all.into_iter()
+            .filter(|e| e.host.as_deref() == Some(host.as_str()) && e.port.unwrap_or(5432) == port)
+            .collect()
+    } else {
+        let missing: Vec<&String> = target
+            .entries
+            .iter()
+            .filter(|n| !all.iter().any(|e| &e.name == *n))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Pgbouncer(format!(
+                "entries {missing:?} are not in the [databases] section of {}; check --pgbouncer-db",
+                target.config_path.display()
+            )));
+        }
+        all.into_iter()
+            .filter(|e| target.entries.contains(&e.name))
+            .collect()
+    };
+    Ok(chosen)
+}
+
+/// A connection to the admin console. It speaks only the simple query protocol.
+pub struct Admin {
+    client: tokio_postgres::Client,
+}
+
+impl Admin {
+    pub async fn connect(endpoint: &Endpoint) -> Result<Admin> {
+        Ok(Admin {
+            client: endpoint.connect().await?,
+        })
+    }
+
+    pub async fn command(&self, command: &str) -> Result<()> {
+        self.client
+            .simple_query(command)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Pgbouncer(format!(
+                    "{command} failed: {}",
+                    crate::error::server_message(&e)
+                ))
+            })
+    }
+
+    /// The databases PgBouncer reports as paused (`SHOW DATABASES`, column `paused`).
+    pub async fn paused(&self) -> Result<Vec<String>> {
+        let messages = self
+            .client
+            .simple_query("SHOW DATABASES")
+            .await
+            .map_err(|e| Error::Pgbouncer(format!("SHOW DATABASES failed: {e}")))?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .filter(|row| row.try_get("paused").ok().flatten() == Some("1"))
+            .filter_map(|row| row.try_get("name").ok().flatten().map(str::to_string))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INI: &str = "[databases]\n; comment = host=x\napp = host=127.0.0.1 port=5432 dbname=app user=app password='it''s'\nother = host=10.1.1.1 dbname=other\n\n[pgbouncer]\nlisten_port = 6432\n";
+
+    #[test]
+    fn entries_are_read_with_quoted_values() {
+        let e = entries(INI);
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            e[0],
+            Entry {
+                name: "app".into(),
+                host: Some("127.0.0.1".into()),
+                port: Some(5432)
+            }
+        );
+        assert_eq!(e[1].port, None);
+    }
+
+    #[test]
+    fn repoint_changes_only_host_and_port_of_named_entries() {
+        let out = repoint(INI, &["app".to_string()], "127.0.0.2", 6543);
+        assert!(
+            out.contains("app = host=127.0.0.2 port=6543 dbname=app user=app password='it''s'\n")
+        );
+        assert!(out.contains("other = host=10.1.1.1 dbname=other\n"));
+        assert!(out.contains("; comment = host=x\n"));
+        assert!(out.ends_with("listen_port = 6432\n"));
+        assert_eq!(entries(&out)[0].host.as_deref(), Some("127.0.0.2"));
+    }
+}

@@ -1,0 +1,612 @@
+//! Preflight (DESIGN.md §3.1): read-only checks of source, target and tools. Facts are
+//! gathered over connections; the verdict (`evaluate`) is pure and unit-tested.
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::error::{Result, Side, SqlContext};
+use crate::names;
+
+/// A problem found, the object it concerns and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub code: &'static str,
+    pub object: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.object, self.problem, self.fix)
+    }
+}
+
+/// Server-wide facts about one side.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerFacts {
+    pub version: String,
+    pub version_num: i32,
+    pub user: String,
+    pub superuser: bool,
+    pub wal_level: String,
+    pub max_replication_slots: i64,
+    pub slots_in_use: i64,
+    pub max_wal_senders: i64,
+    pub senders_in_use: i64,
+    pub max_logical_replication_workers: i64,
+    pub system_identifier: String,
+}
+
+impl ServerFacts {
+    pub fn major(&self) -> i32 {
+        self.version_num / 10000
+    }
+}
+
+/// Facts about one database to be migrated, read on the source (and its target twin).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DatabaseFacts {
+    pub name: String,
+    pub exists_on_source: bool,
+    pub tables: i64,
+    pub bytes: i64,
+    pub sequences: i64,
+    /// Tables whose UPDATE/DELETE cannot be replicated: no primary key, no replica identity.
+    pub tables_without_identity: Vec<String>,
+    pub unlogged_tables: Vec<String>,
+    pub materialized_views: Vec<String>,
+    pub large_objects: i64,
+    /// Extensions installed on the source that the target cannot install.
+    pub extensions_missing_on_target: Vec<String>,
+    /// User tables already in the target database that pgshift did not put there.
+    pub foreign_tables_on_target: Vec<String>,
+}
+
+/// What the client tools found at `--pg-bin-dir` (or PATH) can do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolFacts {
+    pub pg_dump: Option<String>,
+    pub pg_dump_major: Option<i32>,
+    pub psql_found: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Facts {
+    pub source: ServerFacts,
+    pub target: ServerFacts,
+    pub tools: ToolFacts,
+    pub databases: Vec<DatabaseFacts>,
+    /// True when pgshift objects from an earlier run exist: the run resumes, it is no blocker.
+    pub resuming: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub source_version: String,
+    pub target_version: String,
+    pub databases: Vec<DatabaseFacts>,
+    pub blockers: Vec<Finding>,
+    pub warnings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn ready(&self) -> bool {
+        self.blockers.is_empty()
+    }
+}
+
+/// The verdict: which facts block an upgrade and which deserve a warning.
+pub fn evaluate(facts: &Facts) -> Report {
+    let mut blockers = Vec::new();
+    let mut warnings = Vec::new();
+    let mut block = |code, object: String, problem: String, fix: String| {
+        blockers.push(Finding {
+            code,
+            object,
+            problem,
+            fix,
+        })
+    };
+    let (source, target) = (&facts.source, &facts.target);
+
+    if target.major() < source.major() {
+        block(
+            "target_older",
+            "target server".into(),
+            format!("runs PostgreSQL {} but the source runs {}", target.version, source.version),
+            "a major-version upgrade goes to the same or a newer major: point --target at a newer server".into(),
+        );
+    }
+    if source.wal_level != "logical" {
+        block(
+            "wal_level",
+            "source server".into(),
+            format!(
+                "has wal_level = {}, logical replication needs logical",
+                source.wal_level
+            ),
+            "run ALTER SYSTEM SET wal_level = logical on the source and restart it".into(),
+        );
+    }
+    for (side, facts) in [("source", source), ("target", target)] {
+        if !facts.superuser {
+            block(
+                "privileges",
+                format!("{side} user {}", facts.user),
+                "is not a superuser; pgshift reads roles, publishes all tables and subscribes"
+                    .into(),
+                format!(
+                    "connect to the {side} as a superuser (or ALTER ROLE {} SUPERUSER)",
+                    facts.user
+                ),
+            );
+        }
+    }
+    let databases = facts.databases.len() as i64;
+    // One slot per database, plus the table-sync workers' temporary slots (two per subscription).
+    let slots_needed = databases * 3;
+    if !facts.resuming && source.max_replication_slots - source.slots_in_use < slots_needed {
+        block(
+            "replication_slots",
+            "source server".into(),
+            format!(
+                "has {} of max_replication_slots = {} in use; pgshift needs {slots_needed} free",
+                source.slots_in_use, source.max_replication_slots
+            ),
+            format!(
+                "raise max_replication_slots on the source to at least {} and restart it",
+                source.slots_in_use + slots_needed
+            ),
+        );
+    }
+    if !facts.resuming && source.max_wal_senders - source.senders_in_use < slots_needed {
+        block(
+            "wal_senders",
+            "source server".into(),
+            format!(
+                "has {} of max_wal_senders = {} in use; pgshift needs {slots_needed} free",
+                source.senders_in_use, source.max_wal_senders
+            ),
+            format!(
+                "raise max_wal_senders on the source to at least {} and restart it",
+                source.senders_in_use + slots_needed
+            ),
+        );
+    }
+    if target.max_logical_replication_workers < databases + 1 {
+        warnings.push(Finding {
+            code: "logical_workers",
+            object: "target server".into(),
+            problem: format!(
+                "has max_logical_replication_workers = {}; the initial copy runs slowly with fewer than {}",
+                target.max_logical_replication_workers,
+                databases * 3
+            ),
+            fix: "raise max_logical_replication_workers (and max_worker_processes) on the target".into(),
+        });
+    }
+    match facts.tools.pg_dump_major {
+        None => block(
+            "pg_dump_missing",
+            "pg_dump".into(),
+            "was not found (pgshift copies the schema with pg_dump and psql)".into(),
+            format!(
+                "install the PostgreSQL {} client tools and pass their bin directory with --pg-bin-dir",
+                target.major()
+            ),
+        ),
+        Some(major) if major < source.major() || major != target.major() => block(
+            "pg_dump_version",
+            format!("pg_dump {}", facts.tools.pg_dump.clone().unwrap_or_default()),
+            format!(
+                "cannot be used: the schema must be dumped by the target's major ({}); the source is {}",
+                target.major(),
+                source.major()
+            ),
+            format!(
+                "install the PostgreSQL {} client tools and pass their bin directory with --pg-bin-dir",
+                target.major()
+            ),
+        ),
+        Some(_) => {}
+    }
+    if facts.tools.pg_dump_major.is_some() && !facts.tools.psql_found {
+        block(
+            "psql_missing",
+            "psql".into(),
+            "was not found next to pg_dump".into(),
+            format!(
+                "install the PostgreSQL {} client tools (psql)",
+                target.major()
+            ),
+        );
+    }
+
+    for db in &facts.databases {
+        if !db.exists_on_source {
+            block(
+                "database_missing",
+                format!("database {}", db.name),
+                "does not exist on the source".into(),
+                "check --databases".into(),
+            );
+            continue;
+        }
+        for table in &db.tables_without_identity {
+            block(
+                "no_replica_identity",
+                format!("table {table} (database {})", db.name),
+                "has no primary key or replica identity; its UPDATEs and DELETEs cannot be replicated".into(),
+                format!("ALTER TABLE {table} REPLICA IDENTITY FULL, or add a primary key"),
+            );
+        }
+        if db.large_objects > 0 {
+            block(
+                "large_objects",
+                format!("database {}", db.name),
+                format!("holds {} large objects, which logical replication does not carry", db.large_objects),
+                "move them to bytea columns, or copy them separately after the upgrade and accept they are not kept in sync".into(),
+            );
+        }
+        for extension in &db.extensions_missing_on_target {
+            block(
+                "extension_missing",
+                format!("extension {extension} (database {})", db.name),
+                "is installed on the source but not available on the target".into(),
+                format!(
+                    "install the {extension} extension's package for PostgreSQL {} on the target",
+                    target.major()
+                ),
+            );
+        }
+        if let Some(example) = db.foreign_tables_on_target.first() {
+            block(
+                "target_not_empty",
+                format!("database {} on the target", db.name),
+                format!(
+                    "already holds {} table(s) pgshift did not create, e.g. {example}",
+                    db.foreign_tables_on_target.len()
+                ),
+                "point --target at an empty server, or drop that database on the target".into(),
+            );
+        }
+        for table in &db.unlogged_tables {
+            warnings.push(Finding {
+                code: "unlogged_table",
+                object: format!("table {table} (database {})", db.name),
+                problem: "is UNLOGGED; logical replication does not carry its rows, it will be empty on the target".into(),
+                fix: format!("ALTER TABLE {table} SET LOGGED before the upgrade if its contents matter"),
+            });
+        }
+        for view in &db.materialized_views {
+            warnings.push(Finding {
+                code: "materialized_view",
+                object: format!("materialized view {view} (database {})", db.name),
+                problem: "contents are not replicated".into(),
+                fix: "none needed: pgshift refreshes it on the target before cutover".into(),
+            });
+        }
+    }
+    Report {
+        source_version: source.version.clone(),
+        target_version: target.version.clone(),
+        databases: facts.databases.clone(),
+        blockers,
+        warnings,
+    }
+}
+
+/// Reads the server-wide facts of one side.
+pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')::int,
+                    current_user::text, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                    current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int8,
+                    (SELECT count(*) FROM pg_replication_slots),
+                    current_setting('max_wal_senders')::int8,
+                    (SELECT count(*) FROM pg_stat_replication),
+                    current_setting('max_logical_replication_workers')::int8,
+                    (SELECT system_identifier::text FROM pg_control_system())",
+            &[],
+        )
+        .await
+        .on(side, "reading server settings")?;
+    Ok(ServerFacts {
+        version: row
+            .get::<_, String>(0)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        version_num: row.get(1),
+        user: row.get(2),
+        superuser: row.get::<_, Option<bool>>(3).unwrap_or(false),
+        wal_level: row.get(4),
+        max_replication_slots: row.get(5),
+        slots_in_use: row.get(6),
+        max_wal_senders: row.get(7),
+        senders_in_use: row.get(8),
+        max_logical_replication_workers: row.get(9),
+        system_identifier: row.get(10),
+    })
+}
+
+/// Reads the per-database facts on the source, and what the target offers for it.
+pub async fn database_facts(
+    name: &str,
+    source: &Client,
+    target: Option<&Client>,
+) -> Result<DatabaseFacts> {
+    let side = Side::Source;
+    let user_tables = "c.relnamespace NOT IN (SELECT oid FROM pg_namespace WHERE nspname IN ('pg_catalog', 'information_schema', 'pg_toast') OR nspname LIKE 'pg\\_temp\\_%' OR nspname = $1)";
+    let meta = &names::META_SCHEMA;
+    let list = |sql: String| async move {
+        let rows = source
+            .query(&sql, &[meta])
+            .await
+            .on(side, "reading tables")?;
+        Ok::<_, crate::error::Error>(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let totals = source
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8,
+                        (SELECT count(*) FROM pg_sequences WHERE schemaname <> $1),
+                        (SELECT count(*) FROM pg_largeobject_metadata)
+                 FROM pg_class c WHERE c.relkind IN ('r', 'p') AND {user_tables}"
+            ),
+            &[meta],
+        )
+        .await
+        .on(side, "counting tables")?;
+    let tables_without_identity = list(format!(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND {user_tables}
+           AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS
+                (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+         ORDER BY 1"
+    ))
+    .await?;
+    let unlogged_tables = list(format!(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND {user_tables} ORDER BY 1"
+    ))
+    .await?;
+    let materialized_views = list(format!(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'm' AND {user_tables} ORDER BY 1"
+    ))
+    .await?;
+    let source_extensions: Vec<String> = source
+        .query(
+            "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            &[],
+        )
+        .await
+        .on(side, "listing extensions")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut extensions_missing_on_target = Vec::new();
+    let mut foreign_tables_on_target = Vec::new();
+    if let Some(target) = target {
+        let available: Vec<String> = target
+            .query("SELECT name::text FROM pg_available_extensions", &[])
+            .await
+            .on(Side::Target, "listing available extensions")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        extensions_missing_on_target = source_extensions
+            .into_iter()
+            .filter(|e| !available.contains(e))
+            .collect();
+        foreign_tables_on_target = foreign_tables(target).await?;
+    }
+    Ok(DatabaseFacts {
+        name: name.to_string(),
+        exists_on_source: true,
+        tables: totals.get(0),
+        bytes: totals.get(1),
+        sequences: totals.get(2),
+        large_objects: totals.get(3),
+        tables_without_identity,
+        unlogged_tables,
+        materialized_views,
+        extensions_missing_on_target,
+        foreign_tables_on_target,
+    })
+}
+
+/// User tables in a target database that pgshift's schema copy did not create. A target whose
+/// schema step is recorded as done holds only what pgshift restored.
+pub async fn foreign_tables(target: &Client) -> Result<Vec<String>> {
+    let state_exists: bool = target
+        .query_one(
+            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
+            &[&names::META_SCHEMA, &names::STATE_TABLE],
+        )
+        .await
+        .on(Side::Target, "looking for pgshift state")?
+        .get(0);
+    if state_exists {
+        let restored: bool = target
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE step = $1)",
+                    crate::sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
+                ),
+                &[&names::step::SCHEMA],
+            )
+            .await
+            .on(Side::Target, "reading pgshift state")?
+            .get(0);
+        if restored {
+            return Ok(Vec::new());
+        }
+    }
+    Ok(target
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', $1)
+             ORDER BY 1 LIMIT 20",
+            &[&names::META_SCHEMA],
+        )
+        .await
+        .on(Side::Target, "looking for existing tables")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Human-readable report, the same text `pgshift check` prints.
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "source PostgreSQL {} -> target PostgreSQL {}\n",
+        report.source_version, report.target_version
+    );
+    for db in &report.databases {
+        out.push_str(&format!(
+            "  database {}: {} tables, {:.1} MB, {} sequences\n",
+            db.name,
+            db.tables,
+            db.bytes as f64 / 1e6,
+            db.sequences
+        ));
+    }
+    for (title, findings) in [
+        ("blockers", &report.blockers),
+        ("warnings", &report.warnings),
+    ] {
+        if findings.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("{title}:\n"));
+        for f in findings {
+            out.push_str(&format!(
+                "  - {} {}\n    fix: {}\n",
+                f.object, f.problem, f.fix
+            ));
+        }
+    }
+    out.push_str(if report.ready() {
+        "ready: no blockers\n"
+    } else {
+        "not ready: fix the blockers above; nothing was changed\n"
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(version_num: i32) -> ServerFacts {
+        ServerFacts {
+            version: format!("{}.1", version_num / 10000),
+            version_num,
+            user: "postgres".into(),
+            superuser: true,
+            wal_level: "logical".into(),
+            max_replication_slots: 10,
+            slots_in_use: 0,
+            max_wal_senders: 10,
+            senders_in_use: 0,
+            max_logical_replication_workers: 4,
+            system_identifier: "1".into(),
+        }
+    }
+
+    fn facts() -> Facts {
+        Facts {
+            source: server(150004),
+            target: server(180001),
+            tools: ToolFacts {
+                pg_dump: Some("18.1".into()),
+                pg_dump_major: Some(18),
+                psql_found: true,
+            },
+            databases: vec![DatabaseFacts {
+                name: "app".into(),
+                exists_on_source: true,
+                ..Default::default()
+            }],
+            resuming: false,
+        }
+    }
+
+    fn codes(report: &Report) -> Vec<&'static str> {
+        report.blockers.iter().map(|f| f.code).collect()
+    }
+
+    #[test]
+    fn clean_facts_are_ready() {
+        let report = evaluate(&facts());
+        assert!(report.ready(), "{:?}", report.blockers);
+    }
+
+    #[test]
+    fn wal_level_replica_blocks_with_fix() {
+        let mut f = facts();
+        f.source.wal_level = "replica".into();
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["wal_level"]);
+        assert!(report.blockers[0].fix.contains("wal_level = logical"));
+    }
+
+    #[test]
+    fn older_target_blocks() {
+        let mut f = facts();
+        f.target = server(140010);
+        f.tools.pg_dump_major = Some(14);
+        assert!(codes(&evaluate(&f)).contains(&"target_older"));
+    }
+
+    #[test]
+    fn keyless_table_names_the_table_and_the_fix() {
+        let mut f = facts();
+        f.databases[0].tables_without_identity = vec!["public.events".into()];
+        let report = evaluate(&f);
+        assert_eq!(
+            report.blockers[0].to_string(),
+            "table public.events (database app) has no primary key or replica identity; its UPDATEs and \
+             DELETEs cannot be replicated: ALTER TABLE public.events REPLICA IDENTITY FULL, or add a primary key"
+        );
+    }
+
+    #[test]
+    fn wrong_or_missing_pg_dump_blocks() {
+        let mut f = facts();
+        f.tools.pg_dump_major = Some(15);
+        assert_eq!(codes(&evaluate(&f)), ["pg_dump_version"]);
+        f.tools.pg_dump_major = None;
+        assert_eq!(codes(&evaluate(&f)), ["pg_dump_missing"]);
+    }
+
+    #[test]
+    fn non_superuser_blocks_and_slots_are_counted() {
+        let mut f = facts();
+        f.source.superuser = false;
+        f.source.slots_in_use = 9;
+        assert_eq!(codes(&evaluate(&f)), ["privileges", "replication_slots"]);
+        f.resuming = true;
+        assert_eq!(codes(&evaluate(&f)), ["privileges"]);
+    }
+
+    #[test]
+    fn unlogged_and_matviews_warn_only() {
+        let mut f = facts();
+        f.databases[0].unlogged_tables = vec!["public.cache".into()];
+        f.databases[0].materialized_views = vec!["public.totals".into()];
+        let report = evaluate(&f);
+        assert!(report.ready());
+        assert_eq!(report.warnings.len(), 2);
+    }
+}

@@ -1,0 +1,314 @@
+//! The schema step: roles first, then `pg_dump --schema-only` of each source database restored
+//! into the target with psql of the target's major, in one transaction that also records the
+//! step as done — so a crash leaves either the whole schema or none of it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio_postgres::Client;
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result, Side, SqlContext};
+use crate::names;
+use crate::sql::{self, Role};
+
+/// Client tools of one major: pg_dump and psql.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub pg_dump: PathBuf,
+    pub psql: PathBuf,
+}
+
+impl Tools {
+    /// Finds the tools in `bin_dir`, or on PATH when none is given.
+    pub fn locate(bin_dir: Option<&Path>) -> Option<Tools> {
+        let find = |name: &str| -> Option<PathBuf> {
+            match bin_dir {
+                Some(dir) => Some(dir.join(name)).filter(|p| p.is_file()),
+                None => std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|dir| dir.join(name))
+                        .find(|p| p.is_file())
+                }),
+            }
+        };
+        let pg_dump = find("pg_dump")?;
+        let psql = find("psql").unwrap_or_else(|| pg_dump.with_file_name("psql"));
+        Some(Tools { pg_dump, psql })
+    }
+
+    /// `pg_dump --version` → ("18.6", 18).
+    pub async fn pg_dump_version(&self) -> Result<(String, i32)> {
+        let output = Command::new(&self.pg_dump)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| Error::Tool(format!("cannot run {}: {e}", self.pg_dump.display())))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        parse_tool_version(&text)
+            .ok_or_else(|| Error::Tool(format!("unexpected `pg_dump --version` output: {text}")))
+    }
+}
+
+/// Parses "pg_dump (PostgreSQL) 18.6" (or "15.18 (Debian 15.18-0+deb12u1)").
+pub fn parse_tool_version(text: &str) -> Option<(String, i32)> {
+    let version = text
+        .split(')')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .to_string();
+    let major = version.split('.').next()?.parse().ok()?;
+    Some((version, major))
+}
+
+/// Creates on the target the roles of the source that it lacks, then the memberships. Roles
+/// that exist are left as they are.
+pub async fn sync_roles(source: &Client, target: &Client) -> Result<usize> {
+    let rows = source
+        .query(
+            "SELECT rolname::text, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
+                    rolreplication, rolbypassrls, rolconnlimit, rolpassword, rolvaliduntil::text
+             FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY oid",
+            &[],
+        )
+        .await
+        .on(Side::Source, "reading roles")?;
+    let existing: Vec<String> = target
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await
+        .on(Side::Target, "reading roles")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut created = 0;
+    for row in rows {
+        let role = Role {
+            name: row.get(0),
+            superuser: row.get(1),
+            inherit: row.get(2),
+            create_role: row.get(3),
+            create_db: row.get(4),
+            login: row.get(5),
+            replication: row.get(6),
+            bypass_rls: row.get(7),
+            connection_limit: row.get(8),
+            password_hash: row.get(9),
+            valid_until: row.get(10),
+        };
+        if existing.contains(&role.name) {
+            continue;
+        }
+        target
+            .batch_execute(&sql::create_role(&role))
+            .await
+            .on(Side::Target, &format!("creating role {}", role.name))?;
+        created += 1;
+    }
+    let memberships = source
+        .query(
+            "SELECT r.rolname::text, m.rolname::text, a.admin_option
+             FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member
+             WHERE r.rolname !~ '^pg_' OR m.rolname !~ '^pg_'",
+            &[],
+        )
+        .await
+        .on(Side::Source, "reading role memberships")?;
+    for row in memberships {
+        let (role, member, admin): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+        let granted: bool = target
+            .query_one(
+                "SELECT pg_has_role($2::text, $1::text, 'MEMBER')",
+                &[&role, &member],
+            )
+            .await
+            .on(Side::Target, "reading role memberships")?
+            .get(0);
+        if !granted {
+            target
+                .batch_execute(&sql::grant_membership(&role, &member, admin))
+                .await
+                .on(Side::Target, &format!("granting {role} to {member}"))?;
+        }
+    }
+    Ok(created)
+}
+
+/// Creates the target database (owner and encoding as on the source) unless it exists, and
+/// marks it with a comment so that `abort` knows it may drop it.
+pub async fn ensure_target_database(
+    source: &Client,
+    target: &Client,
+    database: &str,
+) -> Result<bool> {
+    let exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&database],
+        )
+        .await
+        .on(Side::Target, "looking for the database")?
+        .get(0);
+    if exists {
+        return Ok(false);
+    }
+    let row = source
+        .query_one(
+            "SELECT pg_get_userbyid(datdba)::text, pg_encoding_to_char(encoding)::text FROM pg_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .on(Side::Source, "reading the database's owner and encoding")?;
+    let (owner, encoding): (String, String) = (row.get(0), row.get(1));
+    target
+        .batch_execute(&sql::create_database(database, &owner, &encoding))
+        .await
+        .on(Side::Target, &format!("creating database {database}"))?;
+    target
+        .batch_execute(&sql::mark_created_database(database))
+        .await
+        .on(
+            Side::Target,
+            &format!("marking database {database} as pgshift's"),
+        )?;
+    Ok(true)
+}
+
+/// Dumps the schema of `database` from the source and restores it into the target in one
+/// transaction, together with pgshift's own objects and the step record.
+pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) -> Result<()> {
+    let passfile = PassFile::write(&[source, target])?;
+    let dump = Command::new(&tools.pg_dump)
+        .args([
+            "--schema-only",
+            "--no-publications",
+            "--no-subscriptions",
+            "--no-password",
+        ])
+        .arg(format!("--exclude-schema={}", names::META_SCHEMA))
+        .args(connection_args(source))
+        .env("PGPASSFILE", passfile.path())
+        .env("PGAPPNAME", "pgshift")
+        .output()
+        .await
+        .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
+    if !dump.status.success() {
+        return Err(Error::Tool(format!(
+            "pg_dump of database {} failed: {}",
+            source.dbname,
+            String::from_utf8_lossy(&dump.stderr).trim()
+        )));
+    }
+    let mut script = dump.stdout;
+    // Same transaction as the schema: the step is recorded if and only if the schema is there.
+    script.extend_from_slice(b"\nSET default_transaction_read_only = off;\n");
+    script.extend_from_slice(sql::create_meta_objects(true).as_bytes());
+    script.extend_from_slice(
+        format!(
+            "\nINSERT INTO {} (step) VALUES ({}) ON CONFLICT DO NOTHING;\n",
+            sql::qualified(names::META_SCHEMA, names::STATE_TABLE),
+            sql::literal(names::step::SCHEMA)
+        )
+        .as_bytes(),
+    );
+    let mut restore = Command::new(&tools.psql)
+        .args([
+            "--no-psqlrc",
+            "--quiet",
+            "--single-transaction",
+            "--no-password",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(connection_args(target))
+        .env("PGPASSFILE", passfile.path())
+        .env("PGAPPNAME", "pgshift")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.psql.display())))?;
+    let mut stdin = restore.stdin.take().expect("stdin is piped");
+    let writer = async move {
+        let result = stdin.write_all(&script).await;
+        drop(stdin);
+        result
+    };
+    let (written, output) = tokio::join!(writer, restore.wait_with_output());
+    let output = output.map_err(|e| Error::Tool(format!("psql failed to run: {e}")))?;
+    if !output.status.success() || written.is_err() {
+        return Err(Error::Tool(format!(
+            "restoring the schema of database {} into the target failed (nothing was kept, the restore is one transaction): {}",
+            target.dbname,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn connection_args(endpoint: &Endpoint) -> Vec<String> {
+    vec![
+        format!("--host={}", endpoint.host),
+        format!("--port={}", endpoint.port),
+        format!("--username={}", endpoint.user),
+        format!("--dbname={}", endpoint.dbname),
+    ]
+}
+
+/// A pgpass file (mode 0600) for the child tools, so that no password is on a command line or
+/// in their environment; removed when dropped.
+struct PassFile {
+    file: tempfile::NamedTempFile,
+}
+
+impl PassFile {
+    fn write(endpoints: &[&Endpoint]) -> Result<PassFile> {
+        let io = |source| Error::Io {
+            path: "temporary pgpass file".into(),
+            source,
+        };
+        let mut file = tempfile::Builder::new()
+            .prefix("pgshift-pgpass")
+            .tempfile()
+            .map_err(io)?;
+        let escape = |v: &str| v.replace('\\', "\\\\").replace(':', "\\:");
+        let mut text = String::new();
+        for e in endpoints {
+            if let Some(password) = &e.password {
+                text.push_str(&format!(
+                    "{}:{}:*:{}:{}\n",
+                    escape(&e.host),
+                    e.port,
+                    escape(&e.user),
+                    escape(password.expose())
+                ));
+            }
+        }
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(io)?;
+        Ok(PassFile { file })
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_versions_are_parsed() {
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 18.6\n"),
+            Some(("18.6".into(), 18))
+        );
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(("15.18".into(), 15))
+        );
+        assert_eq!(parse_tool_version("nonsense"), None);
+    }
+}

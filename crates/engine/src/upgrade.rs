@@ -1,0 +1,639 @@
+//! The upgrade driver: observe both servers, decide each database's next step, act, repeat —
+//! until every database is in sync, then cut over. Every act is idempotent and every decision
+//! is made from observation, so `run` resumes after a crash at any point.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::cutover::{self, CutoverReport};
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result, Side, SqlContext};
+use crate::events::{Event, EventSink, Phase};
+use crate::names::{self, step};
+use crate::observe::{self, Action, Database};
+use crate::plan::{CutoverMode, Databases, Plan};
+use crate::preflight::{self, Facts, Report, ToolFacts};
+use crate::schema::{self, Tools};
+use crate::sql;
+
+/// How long to wait between observations while the copy or catch-up runs.
+const POLL: Duration = Duration::from_millis(500);
+
+/// How a `run` ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub finished: Phase,
+    pub phases: Vec<PhaseTiming>,
+    pub cutover: Option<CutoverReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTiming {
+    pub name: &'static str,
+    pub ms: u128,
+}
+
+/// Connections to one database on both sides, with our own backend PIDs (never terminated
+/// when the source's sessions are ended).
+pub(crate) struct DbConnections {
+    pub source: Client,
+    pub target: Option<Client>,
+}
+
+pub struct Upgrade {
+    pub(crate) plan: Plan,
+    pub(crate) events: EventSink,
+    pub(crate) source_admin: Client,
+    pub(crate) target_admin: Client,
+    pub(crate) databases: Vec<String>,
+    pub(crate) connections: HashMap<String, DbConnections>,
+    pub(crate) own_source_pids: Vec<i32>,
+    phases: Vec<PhaseTiming>,
+    current_phase: Option<(Phase, Instant)>,
+}
+
+/// Opens a pgshift session: writes are allowed in it even where the database is read-only.
+pub(crate) async fn open(endpoint: &Endpoint) -> Result<(Client, i32)> {
+    let client = endpoint.connect().await?;
+    let pid = client
+        .simple_query("SET default_transaction_read_only = off; SELECT pg_backend_pid()")
+        .await
+        .on(endpoint.side, "preparing the session")?
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|p| p.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Ok((client, pid))
+}
+
+impl Upgrade {
+    /// Connects to both servers and resolves which databases to move.
+    pub async fn connect(plan: Plan, events: EventSink) -> Result<Upgrade> {
+        let (source_admin, source_pid) = open(&plan.source).await?;
+        // The target database may not exist yet: fall back to the maintenance database.
+        let (target_admin, _) = match open(&plan.target).await {
+            Ok(opened) => opened,
+            Err(first) => open(&plan.target.with_dbname("postgres"))
+                .await
+                .map_err(|_| first)?,
+        };
+        let databases = match &plan.databases {
+            Databases::FromUrl => vec![plan.source.dbname.clone()],
+            Databases::Named(names) => names.clone(),
+            Databases::All => source_admin
+                .query(
+                    "SELECT datname::text FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname",
+                    &[],
+                )
+                .await
+                .on(Side::Source, "listing databases")?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        Ok(Upgrade {
+            plan,
+            events,
+            source_admin,
+            target_admin,
+            databases,
+            connections: HashMap::new(),
+            own_source_pids: vec![source_pid],
+            phases: Vec::new(),
+            current_phase: None,
+        })
+    }
+
+    pub fn databases(&self) -> &[String] {
+        &self.databases
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        (self.events)(event);
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        if self.current_phase.map(|(p, _)| p) == Some(phase) {
+            return;
+        }
+        self.close_phase();
+        self.current_phase = Some((phase, Instant::now()));
+        self.emit(Event::Phase { phase });
+    }
+
+    fn close_phase(&mut self) {
+        if let Some((phase, started)) = self.current_phase.take() {
+            self.phases.push(PhaseTiming {
+                name: phase.name(),
+                ms: started.elapsed().as_millis(),
+            });
+        }
+    }
+
+    /// Preflight: read-only checks; changes nothing.
+    pub async fn preflight(&mut self) -> Result<Report> {
+        let source = preflight::server_facts(&self.source_admin, Side::Source).await?;
+        let target = preflight::server_facts(&self.target_admin, Side::Target).await?;
+        let tools = match Tools::locate(self.plan.pg_bin_dir.as_deref()) {
+            Some(tools) => {
+                let version = tools.pg_dump_version().await.ok();
+                ToolFacts {
+                    pg_dump: version.as_ref().map(|(v, _)| v.clone()),
+                    pg_dump_major: version.map(|(_, m)| m),
+                    psql_found: tools.psql.is_file(),
+                }
+            }
+            None => ToolFacts {
+                pg_dump: None,
+                pg_dump_major: None,
+                psql_found: false,
+            },
+        };
+        let mut databases = Vec::new();
+        let mut resuming = false;
+        for name in self.databases.clone() {
+            let exists: bool = self
+                .source_admin
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                    &[&name],
+                )
+                .await
+                .on(Side::Source, "looking for the database")?
+                .get(0);
+            if !exists {
+                databases.push(preflight::DatabaseFacts {
+                    name,
+                    exists_on_source: false,
+                    ..Default::default()
+                });
+                continue;
+            }
+            let source_db = self.plan.source.with_dbname(&name).connect().await?;
+            let target_db = match self.target_database_exists(&name).await? {
+                true => Some(self.plan.target.with_dbname(&name).connect().await?),
+                false => None,
+            };
+            if let Some(target_db) = &target_db {
+                resuming |= !observe::steps(target_db).await?.is_empty();
+            }
+            databases.push(preflight::database_facts(&name, &source_db, target_db.as_ref()).await?);
+        }
+        Ok(preflight::evaluate(&Facts {
+            source,
+            target,
+            tools,
+            databases,
+            resuming,
+        }))
+    }
+
+    async fn target_database_exists(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .target_admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&name],
+            )
+            .await
+            .on(Side::Target, "looking for the database")?
+            .get(0))
+    }
+
+    /// Connections to one database; the target side appears once the database exists there.
+    pub(crate) async fn db(&mut self, name: &str) -> Result<()> {
+        if !self.connections.contains_key(name) {
+            let (source, pid) = open(&self.plan.source.with_dbname(name)).await?;
+            self.own_source_pids.push(pid);
+            self.connections.insert(
+                name.to_string(),
+                DbConnections {
+                    source,
+                    target: None,
+                },
+            );
+        }
+        if self.connections[name].target.is_none() && self.target_database_exists(name).await? {
+            let (target, _) = open(&self.plan.target.with_dbname(name)).await?;
+            self.connections
+                .get_mut(name)
+                .expect("inserted above")
+                .target = Some(target);
+        }
+        Ok(())
+    }
+
+    /// The connections that `db` opened.
+    pub(crate) fn conns(&self, name: &str) -> &DbConnections {
+        &self.connections[name]
+    }
+
+    /// Observes every database.
+    pub async fn observe(&mut self) -> Result<Vec<Database>> {
+        let mut all = Vec::new();
+        for name in self.databases.clone() {
+            self.db(&name).await?;
+            let connections = &self.connections[&name];
+            all.push(
+                observe::database(
+                    &name,
+                    &self.source_admin,
+                    &connections.source,
+                    &self.target_admin,
+                    connections.target.as_ref(),
+                )
+                .await?,
+            );
+        }
+        Ok(all)
+    }
+
+    /// Runs the upgrade from wherever it stands to the end (or to ready-for-cutover in manual
+    /// mode). Refuses to start when preflight finds blockers.
+    pub async fn run(&mut self) -> Result<Outcome> {
+        self.enter(Phase::Preflight);
+        let report = self.preflight().await?;
+        for warning in &report.warnings {
+            self.emit(Event::Warning {
+                message: warning.to_string(),
+            });
+        }
+        if !report.ready() {
+            return Err(blocked(&report));
+        }
+        cutover::recover(self).await?;
+        let mut previous_errors: HashMap<String, i64> = HashMap::new();
+        let mut rates = RateMeter::default();
+        let mut attempts = 0;
+        let mut last_cutover = None;
+        loop {
+            let observed = self.observe().await?;
+            let actions: Vec<(Database, Action)> = observed
+                .into_iter()
+                .map(|db| {
+                    let a = observe::decide(&db);
+                    (db, a)
+                })
+                .collect();
+            if actions.iter().all(|(_, a)| *a == Action::Switched) {
+                self.enter(Phase::Done);
+                self.close_phase();
+                return Ok(Outcome {
+                    finished: Phase::Done,
+                    phases: std::mem::take(&mut self.phases),
+                    cutover: last_cutover,
+                });
+            }
+            if let Some((db, action)) = actions.iter().find(|(_, a)| is_work(a)) {
+                self.act(db, action).await?;
+                continue;
+            }
+            if let Some((db, Action::Broken(why))) =
+                actions.iter().find(|(_, a)| matches!(a, Action::Broken(_)))
+            {
+                return Err(Error::State(format!("database {}: {why}", db.name)));
+            }
+            self.check_apply(&actions, &mut previous_errors).await?;
+            if actions.iter().any(|(_, a)| *a == Action::WaitForCopy) {
+                self.enter(Phase::Replicate);
+                for (db, _) in &actions {
+                    if let Some(sub) = &db.subscription {
+                        self.emit(Event::Copy {
+                            database: db.name.clone(),
+                            tables_ready: sub.tables_ready,
+                            tables_total: sub.tables_total,
+                            tables_copying: sub.tables_copying,
+                            bytes_copied: sub.bytes_copied,
+                            bytes_total: db.source_bytes,
+                        });
+                    }
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            // Every database is Synced: catch up, then cut over.
+            self.enter(Phase::CatchUp);
+            let lag: i64 = actions
+                .iter()
+                .filter_map(|(db, _)| db.slot.as_ref())
+                .map(|s| s.lag_bytes)
+                .max()
+                .unwrap_or(0);
+            let (source_rate, applied_rate) = rates.sample(&self.source_admin, lag).await?;
+            self.emit(Event::CatchUp {
+                lag_bytes: lag,
+                source_bytes_per_s: source_rate,
+                applied_bytes_per_s: applied_rate,
+            });
+            if lag > self.plan.max_lag_bytes {
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            if self.plan.cutover == CutoverMode::Manual {
+                self.enter(Phase::ReadyForCutover);
+                self.close_phase();
+                return Ok(Outcome {
+                    finished: Phase::ReadyForCutover,
+                    phases: std::mem::take(&mut self.phases),
+                    cutover: None,
+                });
+            }
+            self.enter(Phase::Cutover);
+            match cutover::cutover(self).await {
+                Ok(report) => last_cutover = Some(report),
+                Err(Error::CutoverAborted {
+                    step,
+                    elapsed,
+                    budget,
+                }) if attempts + 1 < self.plan.cutover_attempts => {
+                    attempts += 1;
+                    self.emit(Event::CutoverAborted {
+                        reason: format!("{step} took longer than the budget ({elapsed:?} of {budget:?}); trying again"),
+                    });
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Runs the cutover now (manual mode's second half): the databases must be in sync.
+    pub async fn cutover_now(&mut self) -> Result<CutoverReport> {
+        cutover::recover(self).await?;
+        let observed = self.observe().await?;
+        if observed
+            .iter()
+            .all(|db| observe::decide(db) == Action::Switched)
+        {
+            return Err(Error::State(
+                "the cutover is already done; nothing to do".into(),
+            ));
+        }
+        if let Some(db) = observed
+            .iter()
+            .find(|db| observe::decide(db) != Action::Synced)
+        {
+            return Err(Error::State(format!(
+                "database {} is not in sync yet ({:?}); run `pgshift run --cutover manual` until it reports ready",
+                db.name,
+                observe::decide(db)
+            )));
+        }
+        let actions: Vec<(Database, Action)> =
+            observed.into_iter().map(|d| (d, Action::Synced)).collect();
+        self.check_apply(&actions, &mut HashMap::new()).await?;
+        cutover::cutover(self).await
+    }
+
+    /// Refuses to go on while the target counts new replication errors, and says why.
+    async fn check_apply(
+        &mut self,
+        actions: &[(Database, Action)],
+        previous: &mut HashMap<String, i64>,
+    ) -> Result<()> {
+        for (db, _) in actions {
+            let Some(sub) = &db.subscription else {
+                continue;
+            };
+            let before = previous.insert(db.name.clone(), sub.errors);
+            let failing = before.is_some_and(|b| sub.errors > b);
+            if !failing {
+                continue;
+            }
+            self.db(&db.name).await?;
+            let connections = self.conns(&db.name);
+            let target = connections
+                .target
+                .as_ref()
+                .expect("a subscription implies the database");
+            let cause = observe::apply_failure_cause(&connections.source, target).await?;
+            self.emit(Event::ApplyFailing {
+                database: db.name.clone(),
+                cause: cause.clone(),
+            });
+            return Err(Error::ApplyFailing {
+                database: db.name.clone(),
+                cause,
+            });
+        }
+        Ok(())
+    }
+
+    async fn act(&mut self, db: &Database, action: &Action) -> Result<()> {
+        let name = db.name.clone();
+        self.emit(Event::Step {
+            database: name.clone(),
+            step: format!("{action:?}"),
+        });
+        match action {
+            Action::CreateDatabase | Action::CopySchema => self.enter(Phase::Schema),
+            _ => self.enter(Phase::Replicate),
+        }
+        match action {
+            Action::CreateDatabase => {
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                schema::ensure_target_database(&connections.source, &self.target_admin, &name)
+                    .await?;
+                // Reconnect to pick up the new database.
+                self.db(&name).await?;
+            }
+            Action::CopySchema => {
+                let foreign = {
+                    self.db(&name).await?;
+                    let connections = self.conns(&name);
+                    preflight::foreign_tables(connections.target.as_ref().expect("database exists"))
+                        .await?
+                };
+                if let Some(example) = foreign.first() {
+                    return Err(Error::TargetNotEmpty {
+                        database: name,
+                        example: example.clone(),
+                    });
+                }
+                let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
+                    .ok_or_else(|| Error::Tool("pg_dump not found; pass --pg-bin-dir".into()))?;
+                schema::sync_roles(&self.source_admin, &self.target_admin).await?;
+                schema::copy_schema(
+                    &tools,
+                    &self.plan.source.with_dbname(&name),
+                    &self.plan.target.with_dbname(&name),
+                )
+                .await?;
+            }
+            Action::ProtectTarget => {
+                // Nobody but pgshift may write to the target until the switch.
+                self.target_admin
+                    .batch_execute(&sql::set_database_read_only(&name, true))
+                    .await
+                    .on(
+                        Side::Target,
+                        "making the target database read-only until cutover",
+                    )?;
+            }
+            Action::CreateSourceMeta => {
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                connections
+                    .source
+                    .batch_execute(&sql::create_meta_objects(false))
+                    .await
+                    .on(Side::Source, "creating the marker table")?;
+            }
+            Action::CreatePublication => {
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                connections
+                    .source
+                    .batch_execute(&sql::create_publication())
+                    .await
+                    .on(Side::Source, "creating the publication")?;
+            }
+            Action::CreateSlot => {
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                connections
+                    .source
+                    .query_one(
+                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                        &[&db.subscription_name()],
+                    )
+                    .await
+                    .on(Side::Source, "creating the replication slot")?;
+            }
+            Action::CreateSubscription => {
+                let conninfo = self.plan.source_conninfo_for_target(&name);
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                connections
+                    .target
+                    .as_ref()
+                    .expect("database exists")
+                    .batch_execute(&sql::create_subscription(
+                        &db.subscription_name(),
+                        &conninfo,
+                    ))
+                    .await
+                    .on(Side::Target, "creating the subscription")?;
+            }
+            Action::Analyze => {
+                self.enter(Phase::CatchUp);
+                self.db(&name).await?;
+                let connections = self.conns(&name);
+                let target = connections.target.as_ref().expect("database exists");
+                refresh_materialized_views(target).await?;
+                target
+                    .batch_execute(sql::analyze())
+                    .await
+                    .on(Side::Target, "analyzing the target (planner statistics)")?;
+                record_step(target, step::ANALYZED).await?;
+            }
+            Action::WaitForCopy | Action::Synced | Action::Switched | Action::Broken(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// An action that changes something (as opposed to waiting or being done).
+fn is_work(action: &Action) -> bool {
+    !matches!(
+        action,
+        Action::WaitForCopy | Action::Synced | Action::Switched | Action::Broken(_)
+    )
+}
+
+pub(crate) fn blocked(report: &Report) -> Error {
+    Error::Blocked {
+        count: report.blockers.len(),
+        list: report
+            .blockers
+            .iter()
+            .map(|f| format!("  - {f}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+pub(crate) async fn record_step(target: &Client, name: &str) -> Result<()> {
+    target
+        .execute(
+            &format!(
+                "INSERT INTO {} (step) VALUES ($1) ON CONFLICT DO NOTHING",
+                sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
+            ),
+            &[&name],
+        )
+        .await
+        .on(Side::Target, &format!("recording step {name}"))?;
+    Ok(())
+}
+
+pub(crate) async fn forget_step(target: &Client, name: &str) -> Result<()> {
+    target
+        .execute(
+            &format!(
+                "DELETE FROM {} WHERE step = $1",
+                sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
+            ),
+            &[&name],
+        )
+        .await
+        .on(Side::Target, &format!("clearing step {name}"))?;
+    Ok(())
+}
+
+/// Materialized views hold no replicated rows: fill them from the replicated tables.
+async fn refresh_materialized_views(target: &Client) -> Result<()> {
+    let views = target
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'm' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .on(Side::Target, "listing materialized views")?;
+    for view in views {
+        let (schema, name): (String, String) = (view.get(0), view.get(1));
+        target
+            .batch_execute(&sql::refresh_materialized_view(&schema, &name))
+            .await
+            .on(
+                Side::Target,
+                &format!("refreshing materialized view {schema}.{name}"),
+            )?;
+    }
+    Ok(())
+}
+
+/// Source WAL rate against the rate at which lag shrinks, from successive samples.
+#[derive(Default)]
+struct RateMeter {
+    last: Option<(Instant, i64, i64)>,
+}
+
+impl RateMeter {
+    async fn sample(&mut self, source: &Client, lag: i64) -> Result<(f64, f64)> {
+        let wal: i64 = source
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
+            .await
+            .on(Side::Source, "reading the WAL position")?
+            .get(0);
+        let now = Instant::now();
+        let rates = match self.last {
+            Some((then, last_wal, last_lag)) => {
+                let seconds = now.duration_since(then).as_secs_f64().max(1e-3);
+                let written = (wal - last_wal) as f64 / seconds;
+                let applied = written + (last_lag - lag) as f64 / seconds;
+                (written, applied.max(0.0))
+            }
+            None => (0.0, 0.0),
+        };
+        self.last = Some((now, wal, lag));
+        Ok(rates)
+    }
+}

@@ -1,0 +1,110 @@
+//! `cargo xtask setup|test|demo`: install what pgshift's demo and tests need (idempotently,
+//! cached outside the repository), then run them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str =
+    "usage: cargo xtask <setup | test [cargo test args] | demo [-- pgshift demo args]>
+
+  setup   install PostgreSQL 13-18 and PgBouncer into the cache (idempotent)
+  test    setup, then run the whole test suite
+  demo    setup, then run `pgshift demo` (a live upgrade on local servers)";
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let task = args.remove(0);
+    if args.first().map(String::as_str) == Some("--") {
+        args.remove(0);
+    }
+    let result = match task.as_str() {
+        "setup" => setup().map(|_| ()),
+        "test" => setup().and_then(|cache| test(&cache, &args)),
+        "demo" => setup().and_then(|cache| demo(&cache, &args)),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown task {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs tools/setup.sh; returns the cache directory it printed last.
+fn setup() -> Result<PathBuf, String> {
+    let script = workspace_root().join("tools/setup.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !output.status.success() {
+        return Err(format!("{} failed ({})", script.display(), output.status));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let cache = stdout
+        .lines()
+        .last()
+        .ok_or("setup.sh printed no cache directory")?;
+    Ok(PathBuf::from(cache.trim()))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(mut command: Command) -> Result<(), String> {
+    let status = command
+        .status()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed ({status})"))
+    }
+}
+
+fn test(cache: &Path, args: &[String]) -> Result<(), String> {
+    let mut command = cargo();
+    command
+        .args(["test", "--workspace", "--exclude", "xtask"])
+        .args(args)
+        .env("PGSHIFT_CACHE", cache);
+    run(command)
+}
+
+fn demo(cache: &Path, args: &[String]) -> Result<(), String> {
+    let mut command = cargo();
+    command
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "pgshift",
+            "--",
+            "demo",
+        ])
+        .args(args)
+        .env("PGSHIFT_CACHE", cache);
+    run(command)
+}
