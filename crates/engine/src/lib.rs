@@ -22,4 +22,4 @@ pub use endpoint::{Endpoint, PasswordSources, Secret};
 pub use error::{Error, Result, Side};
 pub use events::{Event, EventSink, Phase};
 pub use plan::{CutoverMode, Databases, Plan, Traffic};
-pub use upgrade::{Outcome, Upgrade};
+pub use upgrade::{Advance, Outcome, Upgrade};

@@ -23,11 +23,27 @@ pub struct PgbouncerTarget {
 }
 
 /// One `name = key=value ...` line of the `[databases]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Entry {
     pub name: String,
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Debug output leaves the password out.
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses the `[databases]` entries of a pgbouncer.ini.
@@ -45,6 +61,9 @@ pub fn entries(ini: &str) -> Vec<Entry> {
                 name: name.to_string(),
                 host: get("host"),
                 port: get("port").and_then(|p| p.parse().ok()),
+                dbname: get("dbname"),
+                user: get("user"),
+                password: get("password"),
             }
         })
         .collect()
@@ -223,6 +242,30 @@ pub fn entries_to_move(
     Ok(chosen)
 }
 
+/// Before any fence: each moved entry that carries a user and password must be able to log in
+/// to the target with them — otherwise PgBouncer could not open a server connection after the
+/// switch, and its clients would wait. (Entries without a password authenticate some other way
+/// and are not checked.)
+pub async fn check_logins(entries: &[Entry], target: &Endpoint) -> Result<()> {
+    for entry in entries {
+        let (Some(user), Some(password)) = (&entry.user, &entry.password) else {
+            continue;
+        };
+        let mut endpoint = target.with_dbname(entry.dbname.as_deref().unwrap_or(&entry.name));
+        endpoint.user = user.clone();
+        endpoint.password = Some(crate::endpoint::Secret::new(password.clone()));
+        if let Err(error) = endpoint.connect().await {
+            return Err(Error::Pgbouncer(format!(
+                "entry {} logs in as user {user:?}, which cannot log in to the target ({error}); \
+                 the cutover would leave its clients waiting. Give that role the same password on the \
+                 target, or fix the entry, then run the cutover again",
+                entry.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A connection to the admin console. It speaks only the simple query protocol.
 pub struct Admin {
     client: tokio_postgres::Client,
@@ -282,8 +325,15 @@ mod tests {
             Entry {
                 name: "app".into(),
                 host: Some("127.0.0.1".into()),
-                port: Some(5432)
+                port: Some(5432),
+                dbname: Some("app".into()),
+                user: Some("app".into()),
+                password: Some("it's".into()),
             }
+        );
+        assert!(
+            !format!("{:?}", e[0]).contains("it's"),
+            "Debug shows no password"
         );
         assert_eq!(e[1].port, None);
     }

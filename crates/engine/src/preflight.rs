@@ -308,8 +308,7 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
                     (SELECT count(*) FROM pg_replication_slots),
                     current_setting('max_wal_senders')::int8,
                     (SELECT count(*) FROM pg_stat_replication),
-                    current_setting('max_logical_replication_workers')::int8,
-                    (SELECT system_identifier::text FROM pg_control_system())",
+                    current_setting('max_logical_replication_workers')::int8",
             &[],
         )
         .await
@@ -330,7 +329,15 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
         max_wal_senders: row.get(7),
         senders_in_use: row.get(8),
         max_logical_replication_workers: row.get(9),
-        system_identifier: row.get(10),
+        // pg_control_system() is for superusers only; the privilege check reports the rest.
+        system_identifier: client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or_default(),
     })
 }
 

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio_postgres::Client;
 
@@ -180,7 +179,7 @@ pub async fn ensure_target_database(
 /// transaction, together with pgshift's own objects and the step record.
 pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) -> Result<()> {
     let passfile = PassFile::write(&[source, target])?;
-    let dump = Command::new(&tools.pg_dump)
+    let dump = tool(&tools.pg_dump)
         .args([
             "--schema-only",
             "--no-publications",
@@ -190,7 +189,6 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
         .arg(format!("--exclude-schema={}", names::META_SCHEMA))
         .args(connection_args(source))
         .env("PGPASSFILE", passfile.path())
-        .env("PGAPPNAME", "pgshift")
         .output()
         .await
         .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
@@ -213,7 +211,10 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
         )
         .as_bytes(),
     );
-    let mut restore = Command::new(&tools.psql)
+    // A complete file, not a pipe: if pgshift dies, psql must not read a cut-off script to its
+    // end and COMMIT it. With the file and the parent-death signal, the restore is all or nothing.
+    let script_file = temporary_file("pgshift-schema", &script)?;
+    let output = tool(&tools.psql)
         .args([
             "--no-psqlrc",
             "--quiet",
@@ -222,23 +223,13 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
             "-v",
             "ON_ERROR_STOP=1",
         ])
+        .arg(format!("--file={}", script_file.path().display()))
         .args(connection_args(target))
         .env("PGPASSFILE", passfile.path())
-        .env("PGAPPNAME", "pgshift")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
+        .await
         .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.psql.display())))?;
-    let mut stdin = restore.stdin.take().expect("stdin is piped");
-    let writer = async move {
-        let result = stdin.write_all(&script).await;
-        drop(stdin);
-        result
-    };
-    let (written, output) = tokio::join!(writer, restore.wait_with_output());
-    let output = output.map_err(|e| Error::Tool(format!("psql failed to run: {e}")))?;
-    if !output.status.success() || written.is_err() {
+    if !output.status.success() {
         return Err(Error::Tool(format!(
             "restoring the schema of database {} into the target failed (nothing was kept, the restore is one transaction): {}",
             target.dbname,
@@ -246,6 +237,41 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
         )));
     }
     Ok(())
+}
+
+/// A client tool that dies with pgshift (Linux parent-death signal), so that a killed pgshift
+/// never leaves a restore running behind the next run's back.
+fn tool(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("PGAPPNAME", "pgshift")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
+fn temporary_file(prefix: &str, contents: &[u8]) -> Result<tempfile::NamedTempFile> {
+    let io = |source| Error::Io {
+        path: format!("temporary file {prefix}"),
+        source,
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempfile()
+        .map_err(io)?;
+    std::io::Write::write_all(&mut file, contents).map_err(io)?;
+    Ok(file)
 }
 
 fn connection_args(endpoint: &Endpoint) -> Vec<String> {
@@ -257,22 +283,14 @@ fn connection_args(endpoint: &Endpoint) -> Vec<String> {
     ]
 }
 
-/// A pgpass file (mode 0600) for the child tools, so that no password is on a command line or
-/// in their environment; removed when dropped.
+/// A pgpass file (mode 0600, as tempfile creates it) for the child tools, so that no password
+/// is on a command line or in their environment; removed when dropped.
 struct PassFile {
     file: tempfile::NamedTempFile,
 }
 
 impl PassFile {
     fn write(endpoints: &[&Endpoint]) -> Result<PassFile> {
-        let io = |source| Error::Io {
-            path: "temporary pgpass file".into(),
-            source,
-        };
-        let mut file = tempfile::Builder::new()
-            .prefix("pgshift-pgpass")
-            .tempfile()
-            .map_err(io)?;
         let escape = |v: &str| v.replace('\\', "\\\\").replace(':', "\\:");
         let mut text = String::new();
         for e in endpoints {
@@ -286,8 +304,9 @@ impl PassFile {
                 ));
             }
         }
-        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(io)?;
-        Ok(PassFile { file })
+        Ok(PassFile {
+            file: temporary_file("pgshift-pgpass", text.as_bytes())?,
+        })
     }
 
     fn path(&self) -> &Path {

@@ -36,6 +36,17 @@ pub struct PhaseTiming {
     pub ms: u128,
 }
 
+/// What one `advance` did.
+#[derive(Debug)]
+pub enum Advance {
+    Acted {
+        database: String,
+        action: Action,
+    },
+    /// Nothing to do now; each database with what it waits for.
+    Settled(Vec<(Database, Action)>),
+}
+
 /// Connections to one database on both sides, with our own backend PIDs (never terminated
 /// when the source's sessions are ended).
 pub(crate) struct DbConnections {
@@ -272,14 +283,10 @@ impl Upgrade {
         let mut attempts = 0;
         let mut last_cutover = None;
         loop {
-            let observed = self.observe().await?;
-            let actions: Vec<(Database, Action)> = observed
-                .into_iter()
-                .map(|db| {
-                    let a = observe::decide(&db);
-                    (db, a)
-                })
-                .collect();
+            let actions = match self.advance().await? {
+                Advance::Acted { .. } => continue,
+                Advance::Settled(actions) => actions,
+            };
             if actions.iter().all(|(_, a)| *a == Action::Switched) {
                 self.enter(Phase::Done);
                 self.close_phase();
@@ -288,10 +295,6 @@ impl Upgrade {
                     phases: std::mem::take(&mut self.phases),
                     cutover: last_cutover,
                 });
-            }
-            if let Some((db, action)) = actions.iter().find(|(_, a)| is_work(a)) {
-                self.act(db, action).await?;
-                continue;
             }
             if let Some((db, Action::Broken(why))) =
                 actions.iter().find(|(_, a)| matches!(a, Action::Broken(_)))
@@ -359,6 +362,30 @@ impl Upgrade {
                 }
                 Err(error) => return Err(error),
             }
+        }
+    }
+
+    /// Observes, and performs the first step that some database needs (at most one). Returns
+    /// what it did, or every database's state when nothing is left but waiting, the cutover,
+    /// or nothing at all. `run` is a loop around this; tests use it to stop between steps.
+    pub async fn advance(&mut self) -> Result<Advance> {
+        let observed = self.observe().await?;
+        let actions: Vec<(Database, Action)> = observed
+            .into_iter()
+            .map(|db| {
+                let action = observe::decide(&db);
+                (db, action)
+            })
+            .collect();
+        match actions.iter().find(|(_, a)| is_work(a)) {
+            Some((db, action)) => {
+                self.act(db, action).await?;
+                Ok(Advance::Acted {
+                    database: db.name.clone(),
+                    action: action.clone(),
+                })
+            }
+            None => Ok(Advance::Settled(actions)),
         }
     }
 

@@ -1,0 +1,281 @@
+//! Bad input is refused with a message that names the problem and the fix, a non-zero exit
+//! code, and nothing created on either server.
+
+#[path = "../../engine/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{exec, pgshift_objects, Pair};
+use pgshift_lab::{PgServer, ServerOptions};
+
+/// Runs the pgshift binary with passwords from a pgpass file (never on the command line).
+fn pgshift(pgpass: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"))
+        .args(args)
+        .env("PGPASSFILE", pgpass)
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("pgshift runs")
+}
+
+fn url(server: &PgServer, user: &str, db: &str) -> String {
+    format!("postgres://{user}@{}:{}/{db}", server.host(), server.port())
+}
+
+fn pgpass(pair: &Pair) -> std::path::PathBuf {
+    let path = pair.dir.path().join("pgpass");
+    pgshift_lab::write_pgpass(&path, &[&pair.source, &pair.target]).unwrap();
+    path
+}
+
+struct Refusal {
+    code: i32,
+    stderr: String,
+    stdout: String,
+}
+
+/// `check` and `run` both refuse; returns what `run` said.
+async fn refuse(pair: &Pair, pgpass: &Path, source_user: &str, extra: &[&str]) -> Refusal {
+    let source = url(&pair.source, source_user, "app");
+    let target = url(&pair.target, "postgres", "app");
+    let bin = pair.target.bin_dir().display().to_string();
+    let mut args = vec![
+        "--source",
+        &source,
+        "--target",
+        &target,
+        "--pg-bin-dir",
+        &bin,
+    ];
+    args.extend_from_slice(extra);
+    let check = pgshift(pgpass, &[&["check"], args.as_slice()].concat());
+    let run = pgshift(pgpass, &[&["run"], args.as_slice()].concat());
+    assert_ne!(check.status.code(), Some(0), "check accepted bad input");
+    assert_ne!(run.status.code(), Some(0), "run accepted bad input");
+    let refusal = Refusal {
+        code: run.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
+        stdout: String::from_utf8_lossy(&check.stdout).into_owned()
+            + &String::from_utf8_lossy(&check.stderr),
+    };
+    assert!(
+        pgshift_objects(&pair.source, &["app"]).await.is_empty(),
+        "source changed: {}",
+        refusal.stderr
+    );
+    assert!(
+        pgshift_objects(&pair.target, &["app"]).await.is_empty(),
+        "target changed: {}",
+        refusal.stderr
+    );
+    let target_dbs = pair.target.connect("postgres").await.unwrap();
+    let app_on_target: bool = target_dbs
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'app')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!app_on_target, "a refused run created the target database");
+    refusal
+}
+
+async fn pair_with_app(
+    source_major: u32,
+    target_major: u32,
+    source_settings: &[(&str, &str)],
+) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = ServerOptions::new(source_major, dir.path().to_path_buf(), "source");
+    for (key, value) in source_settings {
+        options = options.setting(key, value);
+    }
+    let (source, target) = tokio::join!(
+        PgServer::start(options),
+        PgServer::start(ServerOptions::new(
+            target_major,
+            dir.path().to_path_buf(),
+            "target"
+        ))
+    );
+    let pair = Pair {
+        source: source.unwrap(),
+        target: target.unwrap(),
+        dir,
+    };
+    pair.source.create_database("app").await.unwrap();
+    exec(
+        &pair.source,
+        "app",
+        "CREATE TABLE items (id serial PRIMARY KEY, name text)",
+    )
+    .await;
+    pair
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_refused() {
+    let pair = pair_with_app(15, 18, &[("wal_level", "replica")]).await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    assert_eq!(refusal.code, 1);
+    assert!(
+        refusal.stderr.contains("wal_level = replica"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal
+            .stderr
+            .contains("ALTER SYSTEM SET wal_level = logical"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(refusal.stdout.contains("not ready"), "{}", refusal.stdout);
+}
+
+#[tokio::test]
+async fn table_without_key_is_refused_with_its_fix() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    exec(
+        &pair.source,
+        "app",
+        "CREATE TABLE events (at timestamptz, what text)",
+    )
+    .await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    assert_eq!(refusal.code, 1);
+    assert!(
+        refusal
+            .stderr
+            .contains("table public.events (database app) has no primary key or replica identity"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(refusal
+        .stderr
+        .contains("ALTER TABLE public.events REPLICA IDENTITY FULL, or add a primary key"));
+}
+
+#[tokio::test]
+async fn older_target_is_refused() {
+    let pair = pair_with_app(16, 15, &[]).await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    assert_eq!(refusal.code, 1);
+    assert!(
+        refusal.stderr.contains("runs PostgreSQL 15"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal.stderr.contains("same or a newer major"),
+        "{}",
+        refusal.stderr
+    );
+}
+
+#[tokio::test]
+async fn user_without_privileges_is_refused() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    exec(
+        &pair.source,
+        "postgres",
+        "CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret'",
+    )
+    .await;
+    let pgpass = pgpass(&pair);
+    let mut text = std::fs::read_to_string(&pgpass).unwrap();
+    text.push_str(&format!(
+        "127.0.0.1:{}:*:app_owner:owner-secret\n",
+        pair.source.port()
+    ));
+    std::fs::write(&pgpass, text).unwrap();
+    let refusal = refuse(&pair, &pgpass, "app_owner", &[]).await;
+    assert_eq!(refusal.code, 1);
+    assert!(
+        refusal
+            .stderr
+            .contains("source user app_owner is not a superuser"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal
+            .stderr
+            .contains("connect to the source as a superuser"),
+        "{}",
+        refusal.stderr
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_is_refused() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    let pgpass = pair.dir.path().join("wrong-pgpass");
+    std::fs::write(&pgpass, "*:*:*:postgres:not-the-password\n").unwrap();
+    let refusal = refuse(&pair, &pgpass, "postgres", &[]).await;
+    assert_eq!(refusal.code, 2);
+    assert!(
+        refusal.stderr.contains("password authentication failed"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal
+            .stderr
+            .contains("check the password in your pgpass file"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(!refusal.stderr.contains("not-the-password"));
+}
+
+#[tokio::test]
+async fn unreachable_host_is_refused() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let target = format!("postgres://postgres@127.0.0.1:{closed_port}/app");
+    let source = url(&pair.source, "postgres", "app");
+    let output = pgshift(
+        &pgpass(&pair),
+        &["run", "--source", &source, "--target", &target],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "could not connect to the target at 127.0.0.1:{closed_port}/app"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("check that the server runs"), "{stderr}");
+    assert!(pgshift_objects(&pair.source, &["app"]).await.is_empty());
+}
+
+#[tokio::test]
+async fn password_in_url_is_refused() {
+    let output = pgshift(
+        Path::new("/nonexistent"),
+        &[
+            "check",
+            "--source",
+            "postgres://app:hunter2@127.0.0.1:1/app",
+            "--target",
+            "postgres://app@127.0.0.1:1/app",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the source URL contains a password"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password was echoed: {stderr}"
+    );
+}

@@ -1,0 +1,208 @@
+//! Shared by the engine's integration tests: real servers from the lab, plans pointing at them,
+//! and comparisons of what each side holds.
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pgshift_engine::{Endpoint, Plan, Secret, Side};
+use pgshift_lab::{PgServer, ServerOptions};
+use tempfile::TempDir;
+
+pub const RICH_SCHEMA: &str = include_str!("../fixtures/rich_schema.sql");
+
+/// A source and a target server in one temporary directory.
+pub struct Pair {
+    pub source: PgServer,
+    pub target: PgServer,
+    pub dir: TempDir,
+}
+
+pub async fn pair(source_major: u32, target_major: u32) -> Pair {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (source, target) = tokio::join!(
+        PgServer::start(ServerOptions::new(
+            source_major,
+            dir.path().to_path_buf(),
+            "source"
+        )),
+        PgServer::start(ServerOptions::new(
+            target_major,
+            dir.path().to_path_buf(),
+            "target"
+        )),
+    );
+    Pair {
+        source: source.expect("source server starts"),
+        target: target.expect("target server starts"),
+        dir,
+    }
+}
+
+pub fn endpoint(server: &PgServer, side: Side, dbname: &str) -> Endpoint {
+    Endpoint {
+        side,
+        host: server.host().to_string(),
+        port: server.port(),
+        user: server.superuser().to_string(),
+        dbname: dbname.to_string(),
+        password: Some(Secret::new(server.password())),
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A plan for `pair` in direct mode, with the client tools of the target's major.
+pub fn plan(pair: &Pair, dbname: &str) -> Plan {
+    let mut plan = Plan::new(
+        endpoint(&pair.source, Side::Source, dbname),
+        endpoint(&pair.target, Side::Target, dbname),
+    );
+    plan.pg_bin_dir = Some(tools_for(&pair.target));
+    plan
+}
+
+/// pg_dump and psql of the server's major (the lab installs them for 15 and 18).
+pub fn tools_for(server: &PgServer) -> std::path::PathBuf {
+    server.bin_dir().to_path_buf()
+}
+
+pub async fn exec(server: &PgServer, db: &str, sql: &str) {
+    let client = server.connect(db).await.expect("connect");
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+}
+
+/// Every user table of a database with an order-independent checksum of its rows.
+pub async fn checksums(server: &PgServer, db: &str) -> BTreeMap<String, (i64, String)> {
+    let client = server.connect(db).await.expect("connect");
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1")
+        .await
+        .unwrap();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift_meta')
+               AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut sums = BTreeMap::new();
+    for table in tables {
+        let row = client
+            .query_one(
+                &format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"),
+                &[],
+            )
+            .await
+            .unwrap();
+        sums.insert(table, (row.get(0), row.get(1)));
+    }
+    sums
+}
+
+/// Names of pgshift's objects left on a server (slots, publications, subscriptions, schemas).
+pub async fn pgshift_objects(server: &PgServer, dbs: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    let admin = server.connect("postgres").await.expect("connect");
+    for row in admin
+        .query("SELECT 'slot ' || slot_name FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+    {
+        found.push(row.get(0));
+    }
+    for db in dbs {
+        let exists: bool = admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[db],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let client = server.connect(db).await.expect("connect");
+        for row in client
+            .query(
+                "SELECT 'publication ' || pubname FROM pg_publication
+                 UNION ALL SELECT 'subscription ' || subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname LIKE 'pgshift%'
+                 UNION ALL SELECT 'setting ' || array_to_string(setconfig, ',') FROM pg_db_role_setting s
+                           JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            found.push(format!("{db}: {}", row.get::<_, String>(0)));
+        }
+    }
+    found
+}
+
+/// The traffic plan for a lab PgBouncer whose entry `app` points at the source.
+pub fn pgbouncer_traffic(bouncer: &pgshift_lab::PgBouncer) -> pgshift_engine::Traffic {
+    pgshift_engine::Traffic::Pgbouncer(Box::new(pgshift_engine::pgbouncer::PgbouncerTarget {
+        admin: Endpoint {
+            side: Side::Pgbouncer,
+            host: bouncer.host().to_string(),
+            port: bouncer.port(),
+            user: bouncer.admin_user().to_string(),
+            dbname: "pgbouncer".into(),
+            password: Some(Secret::new(bouncer.admin_password())),
+            connect_timeout: Duration::from_secs(5),
+        },
+        config_path: bouncer.config_path().to_path_buf(),
+        entries: Vec::new(),
+        source_address: None,
+        target_address: None,
+    }))
+}
+
+/// The application's role: clients and PgBouncer log in as it. pgshift copies it (with its
+/// password hash) to the target, so the same password works there after the switch.
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-password";
+
+/// Database `app` on the source with the ledger, writable by the application's role.
+pub async fn ledger_database(pair: &Pair) {
+    pair.source.create_database("app").await.unwrap();
+    pair.source
+        .create_login_role(APP_USER, APP_PASSWORD)
+        .await
+        .unwrap();
+    let client = pair.source.connect("app").await.unwrap();
+    pgshift_lab::ledger::Ledger::install(&client, 100)
+        .await
+        .unwrap();
+    pgshift_lab::ledger::Ledger::grant(&client, APP_USER)
+        .await
+        .unwrap();
+}
+
+/// A PgBouncer in front of the pair's source, entry `app`, logging in as the application.
+pub async fn bouncer_for(pair: &Pair) -> pgshift_lab::PgBouncer {
+    let mut entry = pgshift_lab::BouncerDatabase::for_server(&pair.source, "app");
+    entry.user = APP_USER.into();
+    entry.password = APP_PASSWORD.into();
+    pgshift_lab::PgBouncer::start(pgshift_lab::BouncerOptions::new(
+        pair.dir.path().to_path_buf(),
+        vec![entry],
+    ))
+    .await
+    .expect("pgbouncer starts")
+}
+
+/// The ledger's clients, through the PgBouncer as the application.
+pub fn through(bouncer: &pgshift_lab::PgBouncer) -> pgshift_lab::ledger::LedgerTarget {
+    pgshift_lab::ledger::LedgerTarget::bouncer(bouncer, "app", APP_USER, APP_PASSWORD)
+}

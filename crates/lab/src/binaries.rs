@@ -1,0 +1,129 @@
+//! Where the PostgreSQL and PgBouncer binaries live.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Debian's PgBouncer location, tried before `PATH`.
+const DEBIAN_PGBOUNCER: &str = "/usr/sbin/pgbouncer";
+
+/// The binary cache filled by `tools/setup.sh` (`cargo xtask setup`).
+///
+/// Layout: `<cache>/pg/<major>/bin/{postgres,initdb,pg_ctl,…}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binaries {
+    cache: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the cache: `$PGSHIFT_CACHE`, else `/var/cache/pgshift` as root, else
+    /// `${XDG_CACHE_HOME:-$HOME/.cache}/pgshift` — the same rule as `tools/setup.sh`.
+    pub fn locate() -> Result<Binaries> {
+        let cache = default_cache_dir();
+        let pg = cache.join("pg");
+        if !pg.is_dir() {
+            return Err(Error::CacheNotFound { dir: pg });
+        }
+        Ok(Binaries { cache })
+    }
+
+    /// Uses an explicit cache directory (the one holding `pg/`).
+    pub fn at(cache: impl Into<PathBuf>) -> Result<Binaries> {
+        let cache = cache.into();
+        let pg = cache.join("pg");
+        if !pg.is_dir() {
+            return Err(Error::CacheNotFound { dir: pg });
+        }
+        Ok(Binaries { cache })
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache
+    }
+
+    /// The `bin` directory of one major; errors unless it has `postgres` and `initdb`.
+    pub fn bin_dir(&self, major: u32) -> Result<PathBuf> {
+        let home = self.cache.join("pg").join(major.to_string());
+        let bin = home.join("bin");
+        if ["postgres", "initdb"]
+            .iter()
+            .all(|tool| bin.join(tool).is_file())
+        {
+            Ok(bin)
+        } else {
+            Err(Error::MajorNotFound { major, dir: home })
+        }
+    }
+
+    /// The majors whose server binaries are present, ascending.
+    pub fn available_majors(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(self.cache.join("pg")) else {
+            return Vec::new();
+        };
+        let mut majors: Vec<u32> = entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|major| self.bin_dir(*major).is_ok())
+            .collect();
+        majors.sort_unstable();
+        majors
+    }
+
+    /// The PgBouncer executable: `/usr/sbin/pgbouncer`, else the first on `PATH`.
+    pub fn pgbouncer(&self) -> Result<PathBuf> {
+        let debian = PathBuf::from(DEBIAN_PGBOUNCER);
+        if debian.is_file() {
+            return Ok(debian);
+        }
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|dir| dir.join("pgbouncer"))
+            .find(|candidate| candidate.is_file())
+            .ok_or(Error::PgBouncerNotFound)
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PGSHIFT_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/pgshift");
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    base.join("pgshift")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_cache_says_what_to_do() {
+        let err = Binaries::at("/nonexistent/pgshift-cache").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/pgshift-cache/pg"), "{msg}");
+        assert!(msg.contains("cargo xtask setup"), "{msg}");
+    }
+
+    #[test]
+    fn missing_major_names_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pg")).unwrap();
+        let binaries = Binaries::at(dir.path()).unwrap();
+        let msg = binaries.bin_dir(16).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("PostgreSQL 16 binaries not found in"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("pg/16: run `cargo xtask setup`"), "{msg}");
+        assert!(binaries.available_majors().is_empty());
+    }
+}
