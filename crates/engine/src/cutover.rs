@@ -258,6 +258,26 @@ async fn end_sessions(up: &Upgrade) -> Result<i64> {
     }
 }
 
+/// Before any fence: proves that apply works now, by a marker row that arrives on the target
+/// within `within`. False when it did not (apply stalled, failing, or far behind).
+pub(crate) async fn apply_is_flowing(up: &Upgrade, within: Duration) -> Result<bool> {
+    let clock = Clock {
+        started: Instant::now(),
+        last: Instant::now(),
+        budget: within,
+        steps: Vec::new(),
+    };
+    let probes = up
+        .databases
+        .iter()
+        .map(|name| wait_for_marker(up, name, &clock));
+    match try_join_all(probes).await {
+        Ok(_) => Ok(true),
+        Err(Error::CutoverAborted { .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// Writes a marker row on the source and waits until the target has applied it: apply is in
 /// commit order, so every commit before the fence is on the target then.
 async fn wait_for_marker(up: &Upgrade, name: &str, clock: &Clock) -> Result<()> {

@@ -304,13 +304,14 @@ pub async fn schema_drift(source: &Client, target: &Client) -> Result<Vec<String
             {
                 drift.push(format!(
                     "table {table} exists on the source but not on the target (created during the upgrade?): \
-                     create it on the target with the same definition"
+                     create it on the target with the same definition, then run ALTER SUBSCRIPTION ... REFRESH PUBLICATION"
                 ));
             }
         } else if !on_target.iter().any(|(t, c, _)| t == table && c == column) {
             drift.push(format!(
                 "column {table}.{column} exists on the source but not on the target (DDL during the upgrade?): \
-                 run ALTER TABLE {table} ADD COLUMN {} {kind} on the target",
+                 on the target, run SET default_transaction_read_only = off; ALTER TABLE {table} ADD COLUMN {} {kind} \
+                 (pgshift keeps the target read-only until the cutover)",
                 sql::ident(column)
             ));
         }

@@ -22,6 +22,10 @@ use crate::sql;
 /// How long to wait between observations while the copy or catch-up runs.
 const POLL: Duration = Duration::from_millis(500);
 
+/// How long a probe marker may take to arrive before a cutover: past it, apply is stalled or
+/// failing, and pgshift finds out why instead of fencing writes.
+const APPLY_PROBE: Duration = Duration::from_secs(10);
+
 /// How a `run` ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -279,6 +283,7 @@ impl Upgrade {
         }
         cutover::recover(self).await?;
         let mut previous_errors: HashMap<String, i64> = HashMap::new();
+        let mut baseline_errors: Option<HashMap<String, i64>> = None;
         let mut rates = RateMeter::default();
         let mut attempts = 0;
         let mut last_cutover = None;
@@ -287,6 +292,9 @@ impl Upgrade {
                 Advance::Acted { .. } => continue,
                 Advance::Settled(actions) => actions,
             };
+            let baseline_errors = baseline_errors
+                .get_or_insert_with(|| error_counts(&actions))
+                .clone();
             if actions.iter().all(|(_, a)| *a == Action::Switched) {
                 self.enter(Phase::Done);
                 self.close_phase();
@@ -335,6 +343,9 @@ impl Upgrade {
             });
             if lag > self.plan.max_lag_bytes {
                 tokio::time::sleep(POLL).await;
+                continue;
+            }
+            if !self.apply_proven(&baseline_errors).await? {
                 continue;
             }
             if self.plan.cutover == CutoverMode::Manual {
@@ -406,15 +417,53 @@ impl Upgrade {
             .find(|db| observe::decide(db) != Action::Synced)
         {
             return Err(Error::State(format!(
-                "database {} is not in sync yet ({:?}); run `pgshift run --cutover manual` until it reports ready",
+                "database {} is not in sync yet ({:?}); run `pgshift run --cutover-mode manual` until it reports ready",
                 db.name,
                 observe::decide(db)
             )));
         }
         let actions: Vec<(Database, Action)> =
             observed.into_iter().map(|d| (d, Action::Synced)).collect();
-        self.check_apply(&actions, &mut HashMap::new()).await?;
+        if !self.apply_proven(&error_counts(&actions)).await? {
+            return Err(Error::State(format!(
+                "a probe row written on the source did not reach the target within {APPLY_PROBE:?}: \
+                 the target is still catching up or its apply is blocked; nobody was paused. \
+                 Check `pgshift status` and the target's locks, then try again"
+            )));
+        }
         cutover::cutover(self).await
+    }
+
+    /// True when a probe marker reached the target. When it did not, and the target counts new
+    /// replication errors or its apply worker is down, fails with the cause.
+    async fn apply_proven(&mut self, baseline: &HashMap<String, i64>) -> Result<bool> {
+        if cutover::apply_is_flowing(self, APPLY_PROBE).await? {
+            return Ok(true);
+        }
+        for db in self.observe().await? {
+            let Some(sub) = &db.subscription else {
+                continue;
+            };
+            let new_errors = sub.errors > baseline.get(&db.name).copied().unwrap_or(0);
+            if !new_errors && sub.worker_running {
+                continue;
+            }
+            let connections = self.conns(&db.name);
+            let target = connections
+                .target
+                .as_ref()
+                .expect("a subscription implies the database");
+            let cause = observe::apply_failure_cause(&connections.source, target).await?;
+            self.emit(Event::ApplyFailing {
+                database: db.name.clone(),
+                cause: cause.clone(),
+            });
+            return Err(Error::ApplyFailing {
+                database: db.name.clone(),
+                cause,
+            });
+        }
+        Ok(false)
     }
 
     /// Refuses to go on while the target counts new replication errors, and says why.
@@ -564,6 +613,17 @@ impl Upgrade {
         }
         Ok(())
     }
+}
+
+fn error_counts(actions: &[(Database, Action)]) -> HashMap<String, i64> {
+    actions
+        .iter()
+        .filter_map(|(db, _)| {
+            db.subscription
+                .as_ref()
+                .map(|s| (db.name.clone(), s.errors))
+        })
+        .collect()
 }
 
 /// An action that changes something (as opposed to waiting or being done).
