@@ -88,6 +88,7 @@ async fn pair_with_app(
     target_major: u32,
     source_settings: &[(&str, &str)],
 ) -> Pair {
+    pgshift_lab::testing::require_binaries();
     let dir = tempfile::tempdir().unwrap();
     let mut options = ServerOptions::new(source_major, dir.path().to_path_buf(), "source");
     for (key, value) in source_settings {

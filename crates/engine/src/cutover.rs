@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::future::{try_join, try_join_all};
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -134,25 +134,23 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
 async fn fenced_part(up: &Upgrade, fence: &Fence, clock: &mut Clock) -> Result<(usize, i64)> {
     let sessions_ended = raise_fence(up, fence, clock).await?;
     clock.lap(up, "fence");
-    let markers = up
-        .databases
-        .iter()
-        .map(|name| wait_for_marker(up, name, clock));
-    tokio::time::timeout(clock.remaining(), try_join_all(markers))
-        .await
-        .map_err(|_| clock.over("waiting for the marker row on the target"))??;
-    clock.lap(up, "marker");
-    let copies = up.databases.iter().map(|name| copy_sequences(up, name));
-    let counts = match tokio::time::timeout(clock.remaining(), try_join_all(copies)).await {
-        Ok(result) => result?,
+    // Writes have stopped: the sequences can be read now, while the marker travels.
+    let markers = try_join_all(
+        up.databases
+            .iter()
+            .map(|name| wait_for_marker(up, name, clock)),
+    );
+    let copies = try_join_all(up.databases.iter().map(|name| copy_sequences(up, name)));
+    let counts = match tokio::time::timeout(clock.remaining(), try_join(markers, copies)).await {
+        Ok(result) => result?.1,
         Err(_) => {
             for name in &up.databases {
                 cancel(target_of(up, name)).await;
             }
-            return Err(clock.over("copying sequences"));
+            return Err(clock.over("waiting for the marker row and copying sequences"));
         }
     };
-    clock.lap(up, "sequences");
+    clock.lap(up, "marker_and_sequences");
     if clock.remaining().is_zero() {
         return Err(clock.over("finishing before the switch"));
     }
@@ -164,11 +162,10 @@ async fn prepare_fence(up: &Upgrade) -> Result<Fence> {
         Traffic::Direct => Ok(Fence::Direct),
         Traffic::Pgbouncer(target) => {
             let config = pgbouncer::read_config(&target.config_path)?;
-            let entries: Vec<String> =
-                pgbouncer::entries_to_move(&config, target, &up.plan.source)?
-                    .into_iter()
-                    .map(|e| e.name)
-                    .collect();
+            let moved = pgbouncer::entries_to_move(&config, target, &up.plan.source)?;
+            // Before any fence: PgBouncer must be able to log in to the target after the switch.
+            pgbouncer::check_logins(&moved, &up.plan.target).await?;
+            let entries: Vec<String> = moved.into_iter().map(|e| e.name).collect();
             if entries.is_empty() {
                 return Err(Error::Pgbouncer(format!(
                     "no entry in the [databases] section of {} points at the source {}:{}; name the entries with --pgbouncer-db",
@@ -344,13 +341,7 @@ async fn copy_sequences(up: &Upgrade, name: &str) -> Result<usize> {
 /// Makes the target the written server: records the switch, opens the target for writes and,
 /// with PgBouncer, repoints its entries and releases the held clients there.
 async fn switch(up: &Upgrade, fence: &Fence) -> Result<()> {
-    for name in &up.databases {
-        record_step(target_of(up, name), step::SWITCHED).await?;
-        up.target_admin
-            .batch_execute(&sql::set_database_read_only(name, false))
-            .await
-            .on(Side::Target, "opening the target for writes")?;
-    }
+    open_target(up).await?;
     if let Fence::Pgbouncer(bouncer) = fence {
         let BouncerFence {
             target,
@@ -367,6 +358,23 @@ async fn switch(up: &Upgrade, fence: &Fence) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Records the switch in every target database and opens them for writes, all at once. This
+/// comes before PgBouncer is repointed: `recover` relies on that order.
+async fn open_target(up: &Upgrade) -> Result<()> {
+    let records = try_join_all(
+        up.databases
+            .iter()
+            .map(|name| record_step(target_of(up, name), step::SWITCHED)),
+    );
+    let opens = try_join_all(up.databases.iter().map(|name| async move {
+        up.target_admin
+            .batch_execute(&sql::set_database_read_only(name, false))
+            .await
+            .on(Side::Target, "opening the target for writes")
+    }));
+    try_join(records, opens).await.map(|_| ())
 }
 
 async fn repoint_pgbouncer(
@@ -489,13 +497,7 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
 /// Completes a switch that a crash interrupted: every database recorded and open for writes,
 /// PgBouncer's entries pointing at the target, and its clients released.
 async fn complete_switch(up: &Upgrade) -> Result<()> {
-    for name in &up.databases {
-        record_step(target_of(up, name), step::SWITCHED).await?;
-        up.target_admin
-            .batch_execute(&sql::set_database_read_only(name, false))
-            .await
-            .on(Side::Target, "opening the target for writes")?;
-    }
+    open_target(up).await?;
     if let Traffic::Pgbouncer(target) = &up.plan.traffic {
         let admin = Admin::connect(&target.admin).await?;
         let config = pgbouncer::read_config(&target.config_path)?;

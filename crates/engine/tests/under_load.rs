@@ -115,3 +115,52 @@ async fn direct_mode_loses_nothing_and_counts_client_errors() {
         "writes continued on the new server"
     );
 }
+
+#[tokio::test]
+async fn a_pgbouncer_entry_that_cannot_log_in_to_the_target_is_refused_before_the_fence() {
+    let pair = pair(15, 18).await;
+    ledger_database(&pair).await;
+    // This entry logs in as the source's superuser, whose password the target does not share.
+    let bouncer = pgshift_lab::PgBouncer::start(pgshift_lab::BouncerOptions::new(
+        pair.dir.path().to_path_buf(),
+        vec![pgshift_lab::BouncerDatabase::for_server(
+            &pair.source,
+            "app",
+        )],
+    ))
+    .await
+    .unwrap();
+    let mut plan = plan(&pair, "app");
+    plan.traffic = pgbouncer_traffic(&bouncer);
+    let mut upgrade = Upgrade::connect(plan, events::discard()).await.unwrap();
+    let error = upgrade.run().await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message
+            .contains("entry app logs in as user \"postgres\", which cannot log in to the target"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(pair.source.password()),
+        "the password leaked: {message}"
+    );
+    // Nobody was paused and nothing switched: the source still serves through PgBouncer.
+    let client = pgshift_lab::ledger::LedgerTarget::bouncer(
+        &bouncer,
+        "app",
+        pair.source.superuser(),
+        pair.source.password(),
+    );
+    let (client, connection) = client.configs()[0]
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let port: i32 = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, i32::from(pair.source.port()));
+    assert_ne!(upgrade.status().await.unwrap().phase, Phase::Done);
+}

@@ -19,6 +19,8 @@ pub struct Pair {
 }
 
 pub async fn pair(source_major: u32, target_major: u32) -> Pair {
+    // Fails (not skips) with "run `cargo xtask test`" when the binaries are not installed.
+    pgshift_lab::testing::require_binaries();
     let dir = tempfile::tempdir().expect("temporary directory");
     let (source, target) = tokio::join!(
         PgServer::start(ServerOptions::new(
