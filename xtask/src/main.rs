@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 const USAGE: &str =
     "usage: cargo xtask <setup | test [cargo test args] | demo [-- pgshift demo args]>
 
-  setup   install PostgreSQL 13-18 and PgBouncer into the cache (idempotent)
+  setup   install PostgreSQL 13-18, PgBouncer and the Kubernetes test binaries into the cache (idempotent)
   test    setup, then run the whole test suite
   demo    setup, then run `pgshift demo` (a live upgrade on local servers)";
 
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let result = match task.as_str() {
         "setup" => setup().map(|_| ()),
         "test" => setup().and_then(|cache| test(&cache, &args)),
-        "demo" => setup().and_then(|cache| demo(&cache, &args)),
+        "demo" => setup_without_kube().and_then(|cache| demo(&cache, &args)),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
@@ -47,11 +47,22 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs tools/setup.sh; returns the cache directory it printed last.
+/// Installs everything, the Kubernetes binaries for the operator's tests included.
 fn setup() -> Result<PathBuf, String> {
+    run_setup(false)
+}
+
+/// The demo needs PostgreSQL and PgBouncer only.
+fn setup_without_kube() -> Result<PathBuf, String> {
+    run_setup(true)
+}
+
+/// Runs tools/setup.sh; returns the cache directory it printed last.
+fn run_setup(skip_kube: bool) -> Result<PathBuf, String> {
     let script = workspace_root().join("tools/setup.sh");
     let output = Command::new("bash")
         .arg(&script)
+        .env("PGSHIFT_SKIP_KUBE", if skip_kube { "1" } else { "0" })
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;

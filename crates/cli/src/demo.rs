@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -39,6 +39,9 @@ struct DemoReport {
 struct CutoverFigures {
     /// Client-observed: the longest transaction minus the p99 of the same run.
     write_pause_ms: f64,
+    /// Client-observed: the longest transaction in flight during the fence, whatever else the
+    /// machine did in the rest of the run.
+    longest_transaction_in_cutover_ms: f64,
     /// pgshift's own measure, from the fence to the release of clients.
     server_pause_ms: f64,
     aborted: bool,
@@ -162,13 +165,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }));
     }
     let aborted = Arc::new(AtomicU32::new(0));
+    // The fence's window, from the cutover's step events: (fence start, clients released).
+    let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
     let progress = Progress::new(args.json);
     let sink = {
-        let aborted = aborted.clone();
+        let (aborted, window) = (aborted.clone(), window.clone());
         let show = progress.sink();
         Arc::new(move |event: Event| {
-            if matches!(event, Event::CutoverAborted { .. }) {
-                aborted.fetch_add(1, Ordering::Relaxed);
+            match &event {
+                Event::CutoverAborted { .. } => {
+                    aborted.fetch_add(1, Ordering::Relaxed);
+                }
+                Event::CutoverStep { step, ms } if step == "fence" => {
+                    let started = Instant::now() - Duration::from_secs_f64(ms / 1e3);
+                    window.lock().expect("window lock").0 = Some(started);
+                }
+                Event::CutoverStep { step, .. } if step == "switch" => {
+                    window.lock().expect("window lock").1 = Some(Instant::now());
+                }
+                _ => {}
             }
             show(event);
         })
@@ -185,7 +200,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         args.duration
     ));
     tokio::time::sleep(args.duration).await;
+    let load_started = load.started();
     let workload = load.stop().await;
+    let in_cutover_ms = match *window.lock().expect("window lock") {
+        (Some(from), Some(to)) => workload.longest_in_window_ms(
+            from.duration_since(load_started).as_micros() as u64,
+            to.duration_since(load_started).as_micros() as u64,
+        ),
+        _ => 0.0,
+    };
 
     let target_client = target.connect("app").await?;
     let verified = Ledger::verify(&target_client, &workload).await?;
@@ -212,6 +235,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         phases: outcome.phases.clone(),
         cutover: CutoverFigures {
             write_pause_ms: workload.write_pause_ms,
+            longest_transaction_in_cutover_ms: in_cutover_ms,
             server_pause_ms: cutover.pause_ms,
             aborted: false,
             aborted_attempts: aborted.load(Ordering::Relaxed),
@@ -309,8 +333,12 @@ fn render(r: &DemoReport) -> String {
         out.push_str(&format!("  {:<18} {:>8} ms\n", phase.name, phase.ms));
     }
     out.push_str(&format!(
-        "\ncutover: write pause seen by clients {:.1} ms (pgshift measured {:.1} ms), {} sequences copied, {} aborted attempts\n",
-        r.cutover.write_pause_ms, r.cutover.server_pause_ms, r.cutover.sequences_synced, r.cutover.aborted_attempts
+        "\ncutover: write pause seen by clients {:.1} ms (longest transaction - p99); longest transaction during the fence {:.1} ms;\n         pgshift measured {:.1} ms; {} sequences copied, {} aborted attempts\n",
+        r.cutover.write_pause_ms,
+        r.cutover.longest_transaction_in_cutover_ms,
+        r.cutover.server_pause_ms,
+        r.cutover.sequences_synced,
+        r.cutover.aborted_attempts
     ));
     let w = &r.workload;
     out.push_str(&format!(

@@ -37,11 +37,15 @@ struct Refusal {
 }
 
 /// `check` and `run` both refuse; returns what `run` said.
-async fn refuse(pair: &Pair, pgpass: &Path, source_user: &str, extra: &[&str]) -> Refusal {
+/// `bin_dir`: where pg_dump and psql are; the target's own tools when None.
+async fn refuse(pair: &Pair, pgpass: &Path, source_user: &str, bin_dir: Option<&Path>) -> Refusal {
     let source = url(&pair.source, source_user, "app");
     let target = url(&pair.target, "postgres", "app");
-    let bin = pair.target.bin_dir().display().to_string();
-    let mut args = vec![
+    let bin = bin_dir
+        .unwrap_or(pair.target.bin_dir())
+        .display()
+        .to_string();
+    let args = vec![
         "--source",
         &source,
         "--target",
@@ -49,7 +53,6 @@ async fn refuse(pair: &Pair, pgpass: &Path, source_user: &str, extra: &[&str]) -
         "--pg-bin-dir",
         &bin,
     ];
-    args.extend_from_slice(extra);
     let check = pgshift(pgpass, &[&["check"], args.as_slice()].concat());
     let run = pgshift(pgpass, &[&["run"], args.as_slice()].concat());
     assert_ne!(check.status.code(), Some(0), "check accepted bad input");
@@ -120,7 +123,7 @@ async fn pair_with_app(
 #[tokio::test]
 async fn wal_level_replica_is_refused() {
     let pair = pair_with_app(15, 18, &[("wal_level", "replica")]).await;
-    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", None).await;
     assert_eq!(refusal.code, 1);
     assert!(
         refusal.stderr.contains("wal_level = replica"),
@@ -146,7 +149,7 @@ async fn table_without_key_is_refused_with_its_fix() {
         "CREATE TABLE events (at timestamptz, what text)",
     )
     .await;
-    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", None).await;
     assert_eq!(refusal.code, 1);
     assert!(
         refusal
@@ -163,7 +166,7 @@ async fn table_without_key_is_refused_with_its_fix() {
 #[tokio::test]
 async fn older_target_is_refused() {
     let pair = pair_with_app(16, 15, &[]).await;
-    let refusal = refuse(&pair, &pgpass(&pair), "postgres", &[]).await;
+    let refusal = refuse(&pair, &pgpass(&pair), "postgres", None).await;
     assert_eq!(refusal.code, 1);
     assert!(
         refusal.stderr.contains("runs PostgreSQL 15"),
@@ -193,7 +196,7 @@ async fn user_without_privileges_is_refused() {
         pair.source.port()
     ));
     std::fs::write(&pgpass, text).unwrap();
-    let refusal = refuse(&pair, &pgpass, "app_owner", &[]).await;
+    let refusal = refuse(&pair, &pgpass, "app_owner", None).await;
     assert_eq!(refusal.code, 1);
     assert!(
         refusal
@@ -216,7 +219,7 @@ async fn wrong_password_is_refused() {
     let pair = pair_with_app(15, 18, &[]).await;
     let pgpass = pair.dir.path().join("wrong-pgpass");
     std::fs::write(&pgpass, "*:*:*:postgres:not-the-password\n").unwrap();
-    let refusal = refuse(&pair, &pgpass, "postgres", &[]).await;
+    let refusal = refuse(&pair, &pgpass, "postgres", None).await;
     assert_eq!(refusal.code, 2);
     assert!(
         refusal.stderr.contains("password authentication failed"),
@@ -278,5 +281,46 @@ async fn password_in_url_is_refused() {
     assert!(
         !stderr.contains("hunter2"),
         "the password was echoed: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn pg_dump_of_another_major_or_none_is_refused() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    let pgpass = pgpass(&pair);
+    let old_tools = pgshift_lab::Binaries::locate()
+        .unwrap()
+        .bin_dir(15)
+        .unwrap();
+    let refusal = refuse(&pair, &pgpass, "postgres", Some(&old_tools)).await;
+    assert_eq!(refusal.code, 1);
+    assert!(
+        refusal
+            .stderr
+            .contains("the schema must be dumped by the target's major (18)"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal
+            .stderr
+            .contains("install the PostgreSQL 18 client tools"),
+        "{}",
+        refusal.stderr
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    let refusal = refuse(&pair, &pgpass, "postgres", Some(empty.path())).await;
+    assert!(
+        refusal.stderr.contains("pg_dump was not found"),
+        "{}",
+        refusal.stderr
+    );
+    assert!(
+        refusal
+            .stderr
+            .contains("install the PostgreSQL 18 client tools"),
+        "{}",
+        refusal.stderr
     );
 }

@@ -441,7 +441,25 @@ pub struct LedgerHandle {
     setup_error: Option<String>,
 }
 
+impl LedgerReport {
+    /// The longest latency among committed attempts that were in flight at some moment of
+    /// `[from, to]` (µs since the run started): what clients saw of a pause in that window.
+    pub fn longest_in_window_ms(&self, from_us: u64, to_us: u64) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.outcome == Outcome::Committed)
+            .filter(|s| s.start_us <= to_us && s.start_us + u64::from(s.latency_us) >= from_us)
+            .map(|s| f64::from(s.latency_us) / 1e3)
+            .fold(0.0, f64::max)
+    }
+}
+
 impl LedgerHandle {
+    /// When the run started: samples' `start_us` count from here.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// The run's id (suffix of every txid).
     pub fn run_id(&self) -> &str {
         &self.run_id
