@@ -26,6 +26,7 @@ rows = [
     ("client-observed write pause (ms)", "cutover.write_pause_ms", max),
     ("longest transaction during the fence (ms)", "cutover.longest_transaction_in_cutover_ms", max),
     ("pgshift-measured pause (ms)", "cutover.server_pause_ms", max),
+    ("longest interval without a commit (ms)", "workload.longest_commit_gap_ms", max),
     ("committed transactions", "workload.committed", min),
     ("failed transactions", "workload.failed", max),
     ("in-doubt transactions", "workload.in_doubt", max),

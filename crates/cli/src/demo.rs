@@ -33,6 +33,15 @@ struct DemoReport {
     cutover: CutoverFigures,
     workload: WorkloadFigures,
     verification: Verification,
+    /// When things happened, in ms since the write load started: each phase's start and the
+    /// slowest transaction's start, to tell a pause of the cutover from other stalls.
+    timeline: Timeline,
+}
+
+#[derive(Serialize)]
+struct Timeline {
+    phases: Vec<(String, f64)>,
+    slowest_transaction_at_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -60,6 +69,9 @@ struct WorkloadFigures {
     p50_latency_ms: f64,
     p99_latency_ms: f64,
     max_latency_ms: f64,
+    /// The longest interval in which no client committed: write unavailability as clients saw it,
+    /// reconnects and refused attempts included.
+    longest_commit_gap_ms: f64,
     invariant_holds: bool,
     errors: Vec<(String, u64)>,
 }
@@ -167,12 +179,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let aborted = Arc::new(AtomicU32::new(0));
     // The fence's window, from the cutover's step events: (fence start, clients released).
     let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
+    let phase_starts: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let progress = Progress::new(args.json);
     let sink = {
-        let (aborted, window) = (aborted.clone(), window.clone());
+        let (aborted, window, phase_starts) =
+            (aborted.clone(), window.clone(), phase_starts.clone());
         let show = progress.sink();
         Arc::new(move |event: Event| {
             match &event {
+                Event::Phase { phase } => {
+                    phase_starts
+                        .lock()
+                        .expect("phases lock")
+                        .push((phase.name().to_string(), Instant::now()));
+                }
                 Event::CutoverAborted { .. } => {
                     aborted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -212,7 +232,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let target_client = target.connect("app").await?;
     let verified = Ledger::verify(&target_client, &workload).await?;
-    let source_sums = inspect::table_checksums(&client).await?;
+    // A new session: in direct mode the fence ended every earlier one on the source.
+    let source_client = source.connect("app").await?;
+    let source_sums = inspect::table_checksums(&source_client).await?;
     let target_sums = inspect::table_checksums(&target_client).await?;
     let compared: Vec<&String> = source_sums
         .keys()
@@ -224,6 +246,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .map(|t| t.to_string())
         .collect();
 
+    let since_load = |at: Instant| at.duration_since(load_started).as_secs_f64() * 1e3;
+    let timeline = Timeline {
+        phases: phase_starts
+            .lock()
+            .expect("phases lock")
+            .iter()
+            .map(|(name, at)| (name.clone(), since_load(*at)))
+            .collect(),
+        slowest_transaction_at_ms: workload
+            .samples
+            .iter()
+            .max_by_key(|s| s.latency_us)
+            .map_or(0.0, |s| s.start_us as f64 / 1e3),
+    };
     let cutover = outcome
         .cutover
         .clone()
@@ -251,6 +287,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             p50_latency_ms: workload.p50_ms,
             p99_latency_ms: workload.p99_ms,
             max_latency_ms: workload.max_ms,
+            longest_commit_gap_ms: workload.longest_commit_gap_ms,
             invariant_holds: verified.invariant_holds,
             errors: workload.errors.clone(),
         },
@@ -259,6 +296,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             mismatched: mismatched.len(),
             mismatched_tables: mismatched,
         },
+        timeline,
     };
     drop(bouncer);
     source.stop().await?;
@@ -342,16 +380,31 @@ fn render(r: &DemoReport) -> String {
     ));
     let w = &r.workload;
     out.push_str(&format!(
-        "workload: {} clients, {} committed, {} failed, {} in doubt, {} lost, {:.0} TPS\n          latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; balance invariant {}\n",
+        "workload: {} clients, {} committed, {} failed, {} in doubt, {} lost, {:.0} TPS\n          latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; longest interval without a commit {:.1} ms; balance invariant {}\n",
         w.clients, w.committed, w.failed, w.in_doubt, w.lost, w.tps, w.p50_latency_ms, w.p99_latency_ms, w.max_latency_ms,
+        w.longest_commit_gap_ms,
         if w.invariant_holds { "holds" } else { "BROKEN" }
     ));
     for (error, count) in &w.errors {
         out.push_str(&format!("          client error x{count}: {error}\n"));
     }
     out.push_str(&format!(
+        "          slowest transaction started {:.0} ms into the load, {}\n",
+        r.timeline.slowest_transaction_at_ms,
+        when(&r.timeline.phases, r.timeline.slowest_transaction_at_ms)
+    ));
+    out.push_str(&format!(
         "verification: {} tables compared, {} mismatched\n",
         r.verification.tables, r.verification.mismatched
     ));
     out
+}
+
+/// Which phase a moment (ms since the load started) fell in, as words for the report.
+fn when(phases: &[(String, f64)], at_ms: f64) -> String {
+    match phases.iter().rev().find(|(_, start)| *start <= at_ms) {
+        None => "before the upgrade started".into(),
+        Some((name, _)) if name == "done" => "after the upgrade finished".into(),
+        Some((name, _)) => format!("during the {name} phase"),
+    }
 }
