@@ -92,8 +92,8 @@ pub struct RunArgs {
     pub common: Common,
     #[command(flatten)]
     pub cutover: CutoverOptions,
-    /// auto: cut over as soon as in sync; manual: stop at ready-for-cutover.
-    #[arg(long, value_enum, default_value_t = CutoverWhen::Auto)]
+    /// auto: cut over as soon as in sync; manual: stop at ready-for-cutover (then `pgshift cutover`).
+    #[arg(long = "cutover", value_enum, default_value_t = CutoverWhen::Auto)]
     pub cutover_mode: CutoverWhen,
 }
 

@@ -435,29 +435,12 @@ pub async fn database_facts(
 /// User tables in a target database that pgshift's schema copy did not create. A target whose
 /// schema step is recorded as done holds only what pgshift restored.
 pub async fn foreign_tables(target: &Client) -> Result<Vec<String>> {
-    let state_exists: bool = target
-        .query_one(
-            "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
-            &[&names::META_SCHEMA, &names::STATE_TABLE],
-        )
-        .await
-        .on(Side::Target, "looking for pgshift state")?
-        .get(0);
-    if state_exists {
-        let restored: bool = target
-            .query_one(
-                &format!(
-                    "SELECT EXISTS (SELECT 1 FROM {} WHERE step = $1)",
-                    crate::sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
-                ),
-                &[&names::step::SCHEMA],
-            )
-            .await
-            .on(Side::Target, "reading pgshift state")?
-            .get(0);
-        if restored {
-            return Ok(Vec::new());
-        }
+    if crate::observe::steps(target)
+        .await?
+        .iter()
+        .any(|s| s == names::step::SCHEMA)
+    {
+        return Ok(Vec::new());
     }
     Ok(target
         .query(

@@ -417,7 +417,7 @@ impl Upgrade {
             .find(|db| observe::decide(db) != Action::Synced)
         {
             return Err(Error::State(format!(
-                "database {} is not in sync yet ({:?}); run `pgshift run --cutover-mode manual` until it reports ready",
+                "database {} is not in sync yet ({:?}); run `pgshift run --cutover manual` until it reports ready",
                 db.name,
                 observe::decide(db)
             )));
@@ -445,25 +445,31 @@ impl Upgrade {
                 continue;
             };
             let new_errors = sub.errors > baseline.get(&db.name).copied().unwrap_or(0);
-            if !new_errors && sub.worker_running {
-                continue;
+            if new_errors || !sub.worker_running {
+                return Err(self.apply_failure(&db.name).await?);
             }
-            let connections = self.conns(&db.name);
-            let target = connections
-                .target
-                .as_ref()
-                .expect("a subscription implies the database");
-            let cause = observe::apply_failure_cause(&connections.source, target).await?;
-            self.emit(Event::ApplyFailing {
-                database: db.name.clone(),
-                cause: cause.clone(),
-            });
-            return Err(Error::ApplyFailing {
-                database: db.name.clone(),
-                cause,
-            });
         }
         Ok(false)
+    }
+
+    /// The `ApplyFailing` error for a database, with the cause read from the target (also
+    /// sent as an event).
+    async fn apply_failure(&mut self, database: &str) -> Result<Error> {
+        self.db(database).await?;
+        let connections = self.conns(database);
+        let target = connections
+            .target
+            .as_ref()
+            .expect("a subscription implies the database");
+        let cause = observe::apply_failure_cause(&connections.source, target).await?;
+        self.emit(Event::ApplyFailing {
+            database: database.to_string(),
+            cause: cause.clone(),
+        });
+        Ok(Error::ApplyFailing {
+            database: database.to_string(),
+            cause,
+        })
     }
 
     /// Refuses to go on while the target counts new replication errors, and says why.
@@ -477,25 +483,9 @@ impl Upgrade {
                 continue;
             };
             let before = previous.insert(db.name.clone(), sub.errors);
-            let failing = before.is_some_and(|b| sub.errors > b);
-            if !failing {
-                continue;
+            if before.is_some_and(|b| sub.errors > b) {
+                return Err(self.apply_failure(&db.name).await?);
             }
-            self.db(&db.name).await?;
-            let connections = self.conns(&db.name);
-            let target = connections
-                .target
-                .as_ref()
-                .expect("a subscription implies the database");
-            let cause = observe::apply_failure_cause(&connections.source, target).await?;
-            self.emit(Event::ApplyFailing {
-                database: db.name.clone(),
-                cause: cause.clone(),
-            });
-            return Err(Error::ApplyFailing {
-                database: db.name.clone(),
-                cause,
-            });
         }
         Ok(())
     }
