@@ -51,8 +51,8 @@ pub enum Advance {
     Settled(Vec<(Database, Action)>),
 }
 
-/// Connections to one database on both sides, with our own backend PIDs (never terminated
-/// when the source's sessions are ended).
+/// pgshift's sessions in one database, on both sides (their source PIDs are in
+/// `Upgrade::own_source_pids`, so that direct mode's fence never ends them).
 pub(crate) struct DbConnections {
     pub source: Client,
     pub target: Option<Client>,
@@ -292,9 +292,8 @@ impl Upgrade {
                 Advance::Acted { .. } => continue,
                 Advance::Settled(actions) => actions,
             };
-            let baseline_errors = baseline_errors
-                .get_or_insert_with(|| error_counts(&actions))
-                .clone();
+            // Errors the target counted before this run are history; new ones are what matter.
+            let baseline = baseline_errors.get_or_insert_with(|| error_counts(&actions));
             if actions.iter().all(|(_, a)| *a == Action::Switched) {
                 self.enter(Phase::Done);
                 self.close_phase();
@@ -345,7 +344,7 @@ impl Upgrade {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
-            if !self.apply_proven(&baseline_errors).await? {
+            if !self.apply_proven(baseline).await? {
                 continue;
             }
             if self.plan.cutover == CutoverMode::Manual {
@@ -366,8 +365,11 @@ impl Upgrade {
                     budget,
                 }) if attempts + 1 < self.plan.cutover_attempts => {
                     attempts += 1;
-                    self.emit(Event::CutoverAborted {
-                        reason: format!("{step} took longer than the budget ({elapsed:?} of {budget:?}); trying again"),
+                    // The attempt itself reported CutoverAborted; say what happens next.
+                    self.emit(Event::Warning {
+                        message: format!(
+                            "{step} took longer than the budget ({elapsed:?} of {budget:?}); trying again"
+                        ),
                     });
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
