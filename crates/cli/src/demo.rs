@@ -408,3 +408,21 @@ fn when(phases: &[(String, f64)], at_ms: f64) -> String {
         Some((name, _)) => format!("during the {name} phase"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::when;
+
+    #[test]
+    fn a_moment_is_placed_in_its_phase() {
+        let phases = vec![
+            ("preflight".to_string(), 5000.0),
+            ("cutover".to_string(), 7000.0),
+            ("done".to_string(), 7100.0),
+        ];
+        assert_eq!(when(&phases, 100.0), "before the upgrade started");
+        assert_eq!(when(&phases, 6000.0), "during the preflight phase");
+        assert_eq!(when(&phases, 7050.0), "during the cutover phase");
+        assert_eq!(when(&phases, 9000.0), "after the upgrade finished");
+    }
+}
