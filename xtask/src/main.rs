@@ -1,15 +1,16 @@
-//! `cargo xtask setup|test|demo`: install what pgshift's demo and tests need (idempotently,
+//! `cargo xtask setup|test|demo|bench`: install what pgshift's demo, tests and benchmarks need (idempotently,
 //! cached outside the repository), then run them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | test [cargo test args] | demo [-- pgshift demo args]>
+    "usage: cargo xtask <setup | test [cargo test args] | demo [-- pgshift demo args] | bench [bench args]>
 
   setup   install PostgreSQL 13-18, PgBouncer and the Kubernetes test binaries into the cache (idempotent)
   test    setup, then run the whole test suite
-  demo    setup, then run `pgshift demo` (a live upgrade on local servers)";
+  demo    setup, then run `pgshift demo` (a live upgrade on local servers)
+  bench   setup, then compare upgrade methods under load (`--quick` for a few minutes; `--help`)";
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         "setup" => setup().map(|_| ()),
         "test" => setup().and_then(|cache| test(&cache, &args)),
         "demo" => setup_without_kube().and_then(|cache| demo(&cache, &args)),
+        "bench" => setup_without_kube().and_then(|cache| bench(&cache, &args)),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
@@ -114,6 +116,22 @@ fn demo(cache: &Path, args: &[String]) -> Result<(), String> {
             "pgshift",
             "--",
             "demo",
+        ])
+        .args(args)
+        .env("PGSHIFT_CACHE", cache);
+    run(command)
+}
+
+fn bench(cache: &Path, args: &[String]) -> Result<(), String> {
+    let mut command = cargo();
+    command
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "pgshift-bench",
+            "--",
         ])
         .args(args)
         .env("PGSHIFT_CACHE", cache);

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use pgshift_engine::pgbouncer::PgbouncerTarget;
 use pgshift_engine::{Endpoint, Event, Plan, Secret, Side, Traffic, Upgrade};
 use pgshift_lab::ledger::{Ledger, LedgerTarget, LoadOptions};
+use pgshift_lab::sample::{self, SampleData};
 use pgshift_lab::{inspect, BouncerDatabase, BouncerOptions, PgBouncer, PgServer, ServerOptions};
 use serde::Serialize;
 
@@ -112,7 +113,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     source.create_database("app").await?;
     let client = source.connect("app").await?;
     say(format!("loading sample data (scale {})", args.scale));
-    load_sample_data(&client, args.scale).await?;
+    sample::load(&client, SampleData::scale(args.scale)).await?;
     Ledger::install(&client, 100).await?;
     // The application's own role: PgBouncer logs in as it, and pgshift copies it (with its
     // password hash) to the new server.
@@ -160,21 +161,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     plan.pg_bin_dir = Some(target.bin_dir().to_path_buf());
     plan.max_pause = args.cutover.max_pause;
     if !args.direct {
-        plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget {
-            admin: Endpoint {
-                side: Side::Pgbouncer,
-                host: "127.0.0.1".into(),
-                port: bouncer.port(),
-                user: bouncer.admin_user().to_string(),
-                dbname: "pgbouncer".into(),
-                password: Some(Secret::new(bouncer.admin_password())),
-                connect_timeout: Duration::from_secs(5),
-            },
-            config_path: bouncer.config_path().to_path_buf(),
-            entries: vec!["app".into()],
-            source_address: None,
-            target_address: None,
-        }));
+        let admin = Endpoint::new(
+            Side::Pgbouncer,
+            bouncer.host(),
+            bouncer.port(),
+            bouncer.admin_user(),
+            "pgbouncer",
+            Some(Secret::new(bouncer.admin_password())),
+        );
+        plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget::new(
+            admin,
+            bouncer.config_path().to_path_buf(),
+        )));
     }
     let aborted = Arc::new(AtomicU32::new(0));
     // The fence's window, from the cutover's step events: (fence start, clients released).
@@ -318,46 +316,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn endpoint(server: &PgServer, side: Side) -> Endpoint {
-    Endpoint {
+    Endpoint::new(
         side,
-        host: server.host().to_string(),
-        port: server.port(),
-        user: server.superuser().to_string(),
-        dbname: "app".into(),
-        password: Some(Secret::new(server.password())),
-        connect_timeout: Duration::from_secs(10),
-    }
-}
-
-/// A pgbench-like schema: accounts, branches, history, scaled by `scale`.
-async fn load_sample_data(client: &tokio_postgres::Client, scale: u32) -> anyhow::Result<()> {
-    let scale = i64::from(scale.max(1));
-    client
-        .batch_execute(
-            "CREATE TABLE branches (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0, name text);
-             CREATE TABLE accounts (id bigint PRIMARY KEY, branch_id int NOT NULL REFERENCES branches (id),
-                                    balance bigint NOT NULL DEFAULT 0, filler text);
-             CREATE TABLE history (id bigserial PRIMARY KEY, account_id bigint NOT NULL, delta int NOT NULL,
-                                   at timestamptz NOT NULL DEFAULT '2026-01-01 00:00:00+00');",
-        )
-        .await?;
-    client
-        .execute("INSERT INTO branches (id, name) SELECT g, 'branch ' || g FROM generate_series(1, $1::int8) g", &[&scale])
-        .await?;
-    client
-        .execute(
-            "INSERT INTO accounts (id, branch_id, filler) SELECT g, 1 + g % $1::int8, repeat('x', 80) FROM generate_series(1, $1::int8 * 1000) g",
-            &[&scale],
-        )
-        .await?;
-    client
-        .execute(
-            "INSERT INTO history (account_id, delta) SELECT 1 + g % ($1::int8 * 1000), g % 100 - 50 FROM generate_series(1, $1::int8 * 10000) g",
-            &[&scale],
-        )
-        .await?;
-    client.batch_execute("ANALYZE").await?;
-    Ok(())
+        server.host(),
+        server.port(),
+        server.superuser(),
+        "app",
+        Some(Secret::new(server.password())),
+    )
 }
 
 fn render(r: &DemoReport) -> String {

@@ -82,6 +82,27 @@ impl PasswordSources {
 }
 
 impl Endpoint {
+    /// An endpoint whose password the caller already holds (a server it started itself, say);
+    /// connections time out after 10 s.
+    pub fn new(
+        side: Side,
+        host: &str,
+        port: u16,
+        user: &str,
+        dbname: &str,
+        password: Option<Secret>,
+    ) -> Endpoint {
+        Endpoint {
+            side,
+            host: host.to_string(),
+            port,
+            user: user.to_string(),
+            dbname: dbname.to_string(),
+            password,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
     /// Parses a `postgres://user@host:port/db` URL (or `key=value` conninfo). A password in it is
     /// refused: it would be visible in the process list.
     pub fn parse(side: Side, url: &str, passwords: &PasswordSources) -> Result<Endpoint> {

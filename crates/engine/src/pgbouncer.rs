@@ -22,6 +22,19 @@ pub struct PgbouncerTarget {
     pub target_address: Option<(String, u16)>,
 }
 
+impl PgbouncerTarget {
+    /// Moves every entry that points at the source, with the addresses of the URLs.
+    pub fn new(admin: Endpoint, config_path: PathBuf) -> Self {
+        PgbouncerTarget {
+            admin,
+            config_path,
+            entries: Vec::new(),
+            source_address: None,
+            target_address: None,
+        }
+    }
+}
+
 /// One `name = key=value ...` line of the `[databases]` section.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Entry {

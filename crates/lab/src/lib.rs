@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod ledger;
 mod pgpass;
 mod process;
+pub mod sample;
 mod server;
 pub mod testing;
 

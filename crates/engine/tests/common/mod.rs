@@ -3,7 +3,6 @@
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use pgshift_engine::{Endpoint, Plan, Secret, Side};
 use pgshift_lab::{PgServer, ServerOptions};
@@ -42,15 +41,14 @@ pub async fn pair(source_major: u32, target_major: u32) -> Pair {
 }
 
 pub fn endpoint(server: &PgServer, side: Side, dbname: &str) -> Endpoint {
-    Endpoint {
+    Endpoint::new(
         side,
-        host: server.host().to_string(),
-        port: server.port(),
-        user: server.superuser().to_string(),
-        dbname: dbname.to_string(),
-        password: Some(Secret::new(server.password())),
-        connect_timeout: Duration::from_secs(10),
-    }
+        server.host(),
+        server.port(),
+        server.superuser(),
+        dbname,
+        Some(Secret::new(server.password())),
+    )
 }
 
 /// A plan for `pair` in direct mode, with the client tools of the target's major.
@@ -153,21 +151,18 @@ pub async fn pgshift_objects(server: &PgServer, dbs: &[&str]) -> Vec<String> {
 
 /// The traffic plan for a lab PgBouncer whose entry `app` points at the source.
 pub fn pgbouncer_traffic(bouncer: &pgshift_lab::PgBouncer) -> pgshift_engine::Traffic {
-    pgshift_engine::Traffic::Pgbouncer(Box::new(pgshift_engine::pgbouncer::PgbouncerTarget {
-        admin: Endpoint {
-            side: Side::Pgbouncer,
-            host: bouncer.host().to_string(),
-            port: bouncer.port(),
-            user: bouncer.admin_user().to_string(),
-            dbname: "pgbouncer".into(),
-            password: Some(Secret::new(bouncer.admin_password())),
-            connect_timeout: Duration::from_secs(5),
-        },
-        config_path: bouncer.config_path().to_path_buf(),
-        entries: Vec::new(),
-        source_address: None,
-        target_address: None,
-    }))
+    let admin = Endpoint::new(
+        Side::Pgbouncer,
+        bouncer.host(),
+        bouncer.port(),
+        bouncer.admin_user(),
+        "pgbouncer",
+        Some(Secret::new(bouncer.admin_password())),
+    );
+    pgshift_engine::Traffic::Pgbouncer(Box::new(pgshift_engine::pgbouncer::PgbouncerTarget::new(
+        admin,
+        bouncer.config_path().to_path_buf(),
+    )))
 }
 
 /// The application's role: clients and PgBouncer log in as it. pgshift copies it (with its
