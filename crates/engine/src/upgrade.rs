@@ -19,6 +19,9 @@ use crate::preflight::{self, Facts, Report, ToolFacts};
 use crate::schema::{self, Tools};
 use crate::sql;
 
+/// Where pgshift's server-wide session on the target lives.
+const MAINTENANCE_DB: &str = "postgres";
+
 /// How long to wait between observations while the copy or catch-up runs.
 const POLL: Duration = Duration::from_millis(500);
 
@@ -90,12 +93,12 @@ impl Upgrade {
     /// Connects to both servers and resolves which databases to move.
     pub async fn connect(plan: Plan, events: EventSink) -> Result<Upgrade> {
         let (source_admin, source_pid) = open(&plan.source).await?;
-        // The target database may not exist yet: fall back to the maintenance database.
-        let (target_admin, _) = match open(&plan.target).await {
+        // Server-wide work on the target (CREATE/DROP DATABASE, ALTER DATABASE) needs a session
+        // outside the databases being moved: the maintenance database, else the URL's.
+        let (target_admin, _) = match open(&plan.target.with_dbname(MAINTENANCE_DB)).await {
             Ok(opened) => opened,
-            Err(first) => open(&plan.target.with_dbname("postgres"))
-                .await
-                .map_err(|_| first)?,
+            // If both fail, the error about the URL's database is the one the user can act on.
+            Err(_) => open(&plan.target).await?,
         };
         let databases = match &plan.databases {
             Databases::FromUrl => vec![plan.source.dbname.clone()],

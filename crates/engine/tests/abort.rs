@@ -60,7 +60,12 @@ async fn abort_after_each_step_restores_the_source() {
                 }
             }
         }
-        let removed = upgrade.abort().await.unwrap();
+        // Abort as a new `pgshift abort` process would: fresh connections to what now exists.
+        drop(upgrade);
+        let mut aborting = Upgrade::connect(plan(&pair, "app"), events::discard())
+            .await
+            .unwrap();
+        let removed = aborting.abort().await.unwrap();
         assert_eq!(
             snapshot(&pair.source).await,
             before,
