@@ -3,6 +3,7 @@
 //! under a budget. Before the switch, anything slow aborts the attempt and releases clients on
 //! the source; `recover` finishes or undoes an attempt that a crash interrupted.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures_util::future::{try_join, try_join_all};
@@ -88,6 +89,8 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
         up.db(&name).await?;
     }
     let fence = prepare_fence(up).await?;
+    let precopied =
+        try_join_all(up.databases.iter().map(|name| precopy_sequences(up, name))).await?;
     for name in &up.databases {
         record_step(target_of(up, name), step::FENCED).await?;
     }
@@ -97,7 +100,7 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
         budget: up.plan.max_pause,
         steps: Vec::new(),
     };
-    let result = fenced_part(up, &fence, &mut clock).await;
+    let result = fenced_part(up, &fence, &precopied, &mut clock).await;
     let (sequences_synced, sessions_ended) = match result {
         Ok(counts) => counts,
         Err(error) => {
@@ -131,7 +134,12 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
 }
 
 /// Fence, marker, sequences: everything between the start of the pause and the switch.
-async fn fenced_part(up: &Upgrade, fence: &Fence, clock: &mut Clock) -> Result<(usize, i64)> {
+async fn fenced_part(
+    up: &Upgrade,
+    fence: &Fence,
+    precopied: &[SequenceValues],
+    clock: &mut Clock,
+) -> Result<(usize, i64)> {
     let sessions_ended = raise_fence(up, fence, clock).await?;
     clock.lap(up, "fence");
     // Writes have stopped: the sequences can be read now, while the marker travels.
@@ -140,7 +148,12 @@ async fn fenced_part(up: &Upgrade, fence: &Fence, clock: &mut Clock) -> Result<(
             .iter()
             .map(|name| wait_for_marker(up, name, clock)),
     );
-    let copies = try_join_all(up.databases.iter().map(|name| copy_sequences(up, name)));
+    let copies = try_join_all(
+        up.databases
+            .iter()
+            .zip(precopied)
+            .map(|(name, copied)| copy_sequences(up, name, copied)),
+    );
     let counts = match tokio::time::timeout(clock.remaining(), try_join(markers, copies)).await {
         Ok(result) => result?.1,
         Err(_) => {
@@ -309,9 +322,12 @@ async fn wait_for_marker(up: &Upgrade, name: &str, clock: &Clock) -> Result<()> 
     Err(clock.over("waiting for the marker row on the target"))
 }
 
-/// Copies the value of every sequence of the database (all of pg_sequences, not only those
-/// owned by a column) from the source to the target, in one round trip each way.
-async fn copy_sequences(up: &Upgrade, name: &str) -> Result<usize> {
+/// Sequence values of one database: (schema, name) → last value.
+type SequenceValues = HashMap<(String, String), i64>;
+
+/// Reads every sequence of the database that has a value (all of pg_sequences, not only those
+/// owned by a column).
+async fn read_sequences(up: &Upgrade, name: &str) -> Result<SequenceValues> {
     let rows = up.connections[name]
         .source
         .query(
@@ -321,21 +337,67 @@ async fn copy_sequences(up: &Upgrade, name: &str) -> Result<usize> {
         )
         .await
         .on(Side::Source, "reading sequences")?;
-    if rows.is_empty() {
-        return Ok(0);
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
+}
+
+/// Sets sequences on the target, all in one round trip.
+async fn set_sequences(
+    up: &Upgrade,
+    name: &str,
+    values: &[(&(String, String), i64)],
+) -> Result<()> {
+    if values.is_empty() {
+        return Ok(());
     }
-    let schemas: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let sequences: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
-    let values: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
-    let called = vec![true; rows.len()];
+    let schemas: Vec<&str> = values
+        .iter()
+        .map(|((schema, _), _)| schema.as_str())
+        .collect();
+    let sequences: Vec<&str> = values
+        .iter()
+        .map(|((_, sequence), _)| sequence.as_str())
+        .collect();
+    let last_values: Vec<i64> = values.iter().map(|(_, value)| *value).collect();
+    let called = vec![true; values.len()];
     target_of(up, name)
         .query_one(
             sql::SET_SEQUENCES,
-            &[&schemas, &sequences, &values, &called],
+            &[&schemas, &sequences, &last_values, &called],
         )
         .await
         .on(Side::Target, "setting sequences")?;
-    Ok(rows.len())
+    Ok(())
+}
+
+/// Before the fence: copies every sequence, so that inside it only those that moved since
+/// need setting (most sequences of a large schema are idle). Returns what was copied.
+async fn precopy_sequences(up: &Upgrade, name: &str) -> Result<SequenceValues> {
+    let values = read_sequences(up, name).await?;
+    set_sequences(
+        up,
+        name,
+        &values.iter().map(|(k, v)| (k, *v)).collect::<Vec<_>>(),
+    )
+    .await?;
+    Ok(values)
+}
+
+/// Inside the fence: reads every sequence again (writes have stopped, so these values are
+/// final) and sets on the target those that differ from the pre-copy. Nothing but pgshift
+/// changes a sequence on the target, which stays read-only until the switch. Returns how many
+/// sequences the target now has in step with the source.
+async fn copy_sequences(up: &Upgrade, name: &str, copied: &SequenceValues) -> Result<usize> {
+    let values = read_sequences(up, name).await?;
+    let moved: Vec<(&(String, String), i64)> = values
+        .iter()
+        .filter(|(key, value)| copied.get(*key) != Some(*value))
+        .map(|(key, value)| (key, *value))
+        .collect();
+    set_sequences(up, name, &moved).await?;
+    Ok(values.len())
 }
 
 /// Makes the target the written server: records the switch, opens the target for writes and,
