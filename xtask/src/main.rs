@@ -106,33 +106,25 @@ fn test(cache: &Path, args: &[String]) -> Result<(), String> {
 }
 
 fn demo(cache: &Path, args: &[String]) -> Result<(), String> {
-    let mut command = cargo();
-    command
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "pgshift",
-            "--",
-            "demo",
-        ])
-        .args(args)
-        .env("PGSHIFT_CACHE", cache);
-    run(command)
+    run_release(cache, "pgshift", &["demo"], args)
 }
 
 fn bench(cache: &Path, args: &[String]) -> Result<(), String> {
+    run_release(cache, "pgshift-bench", &[], args)
+}
+
+/// `cargo run --release` of a workspace binary with the cache it needs: timings are measured
+/// on optimized code.
+fn run_release(
+    cache: &Path,
+    package: &str,
+    leading: &[&str],
+    args: &[String],
+) -> Result<(), String> {
     let mut command = cargo();
     command
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "pgshift-bench",
-            "--",
-        ])
+        .args(["run", "--quiet", "--release", "--package", package, "--"])
+        .args(leading)
         .args(args)
         .env("PGSHIFT_CACHE", cache);
     run(command)
