@@ -10,7 +10,7 @@ use tokio_postgres::{Client, Config, NoTls};
 use crate::binaries::Binaries;
 use crate::error::{Error, Result};
 use crate::pgpass::PgpassEntry;
-use crate::process::{clean_env, free_port, log_tail, Identity, Supervised};
+use crate::process::{clean_env, log_tail, on_free_port, Identity, Supervised};
 use crate::server::PgServer;
 use crate::{random_token, spawn_connection, HOST};
 
@@ -41,7 +41,6 @@ const MANAGED_SETTINGS: &[&str] = &[
 ];
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-const PORT_ATTEMPTS: usize = 3;
 /// SIGTERM is PgBouncer's immediate shutdown; SIGKILL if it hangs.
 const STOP_STEPS: &[(libc::c_int, Duration)] = &[
     (libc::SIGTERM, Duration::from_secs(5)),
@@ -277,54 +276,50 @@ impl PgBouncer {
         let log_path = dir.join("pgbouncer.log");
         identity.write_private_file(&auth_file, &render_userlist(&users))?;
 
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
+        let (name, dir_ref, config_path_ref, log_path_ref) =
+            (&opts.name, &dir, &config_path, &log_path);
+        let (binary_ref, identity_ref, settings_ref, lines_ref) =
+            (&binary, &identity, &settings, &database_lines);
+        let admin_password_ref = &admin_password;
+        let auth = opts.auth;
+        on_free_port("PgBouncer", |port| async move {
             let config = render_config(&ConfigParts {
-                database_lines: &database_lines,
+                database_lines: lines_ref,
                 port,
-                auth: opts.auth,
-                dir: &dir,
-                settings: &settings,
+                auth,
+                dir: dir_ref,
+                settings: settings_ref,
             });
-            identity.write_private_file(&config_path, &config)?;
-            let stderr_path = dir.join("pgbouncer.stderr");
+            identity_ref.write_private_file(config_path_ref, &config)?;
+            let stderr_path = dir_ref.join("pgbouncer.stderr");
             let stderr = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&stderr_path)
                 .map_err(|e| Error::io(format!("cannot open {}", stderr_path.display()), e))?;
-            let mut cmd = Command::new(&binary);
-            cmd.arg(&config_path)
-                .current_dir(&dir)
+            let mut cmd = Command::new(binary_ref);
+            cmd.arg(config_path_ref)
+                .current_dir(dir_ref)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(stderr);
             clean_env(&mut cmd);
-            identity.apply(&mut cmd);
-            let process =
-                Supervised::spawn(cmd, libc::SIGKILL, &format!("pgbouncer-{}", opts.name))?;
+            identity_ref.apply(&mut cmd);
+            let process = Supervised::spawn(cmd, libc::SIGKILL, &format!("pgbouncer-{name}"))?;
             let bouncer = PgBouncer {
-                name: opts.name.clone(),
-                dir: dir.clone(),
-                config_path: config_path.clone(),
-                log_path: log_path.clone(),
+                name: name.clone(),
+                dir: dir_ref.clone(),
+                config_path: config_path_ref.clone(),
+                log_path: log_path_ref.clone(),
                 port,
-                admin_password: admin_password.clone(),
+                admin_password: admin_password_ref.clone(),
                 process,
             };
-            match bouncer.wait_ready(&stderr_path).await {
-                Ok(()) => {
-                    tracing::info!(name = %bouncer.name, port, "pgbouncer ready");
-                    return Ok(bouncer);
-                }
-                Err(e) if attempt < PORT_ATTEMPTS && is_port_collision(&e) => {
-                    tracing::warn!(port, "port taken before PgBouncer bound it; retrying");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            bouncer.wait_ready(&stderr_path).await?;
+            tracing::info!(name = %bouncer.name, port, "pgbouncer ready");
+            Ok(bouncer)
+        })
+        .await
     }
 
     /// The TCP port on 127.0.0.1.
@@ -597,10 +592,6 @@ fn check_simple_name(what: &str, name: &str) -> Result<()> {
             "{what} {name:?}: use letters, digits, '-', '_' or '.'"
         )))
     }
-}
-
-fn is_port_collision(err: &Error) -> bool {
-    matches!(err, Error::Exited { log_tail, .. } if log_tail.contains("Address already in use"))
 }
 
 #[cfg(test)]

@@ -181,7 +181,37 @@ fn lookup_user(name: &str) -> Result<Option<(u32, u32)>> {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; a retry covers the rare race).
+/// How many ports a start is tried on before a collision counts as a failure.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Starts something (`what`, for the log) on a free port. `free_port` releases the port before
+/// the process binds it, so another process may take it first: then `start` runs again on a
+/// new port.
+pub(crate) async fn on_free_port<T, F, Fut>(what: &str, mut start: F) -> Result<T>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = free_port()?;
+        match start(port).await {
+            Err(e) if attempt < PORT_ATTEMPTS && is_port_collision(&e) => {
+                tracing::warn!(port, "port taken before {what} bound it; retrying");
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The process exited because its port was taken (PostgreSQL and PgBouncer log this).
+fn is_port_collision(err: &Error) -> bool {
+    matches!(err, Error::Exited { log_tail, .. }
+        if log_tail.contains("Address already in use") || log_tail.contains("could not bind"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; `on_free_port` covers the rare race).
 pub(crate) fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
         .map_err(|e| Error::io("cannot find a free port on 127.0.0.1", e))?;

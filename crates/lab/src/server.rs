@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use crate::binaries::Binaries;
 use crate::error::{Error, Result};
 use crate::pgpass::PgpassEntry;
-use crate::process::{clean_env, free_port, log_tail, Identity, Supervised};
+use crate::process::{clean_env, log_tail, on_free_port, Identity, Supervised};
 use crate::{random_token, spawn_connection, HOST};
 
 /// The superuser every lab server is initialised with.
@@ -45,8 +45,6 @@ const LAB_CONF: &str = "pgshift_lab.conf";
 
 /// How long a server may take to accept connections after its process starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-/// Port collisions (another process bound our free port first) are retried this often.
-const PORT_ATTEMPTS: usize = 3;
 /// `stop`: fast shutdown (as `pg_ctl stop -m fast`), then immediate, then SIGKILL.
 const STOP_STEPS: &[(libc::c_int, Duration)] = &[
     (libc::SIGINT, Duration::from_secs(60)),
@@ -156,39 +154,39 @@ impl PgServer {
         initdb(&bin_dir, &server_dir, &data_dir, &password, &identity).await?;
         configure_data_dir(&data_dir, &identity)?;
 
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
-            write_lab_conf(&data_dir, port, &settings, &identity)?;
-            let launched = launch(
-                &opts.name, &bin_dir, &data_dir, &log_path, port, &password, &identity,
+        let (name, settings_ref) = (&opts.name, &settings);
+        let (bin_dir_ref, data_dir_ref, log_path_ref, password_ref, identity_ref) =
+            (&bin_dir, &data_dir, &log_path, &password, &identity);
+        let (port, process, version) = on_free_port("the server", |port| async move {
+            write_lab_conf(data_dir_ref, port, settings_ref, identity_ref)?;
+            let (process, version) = launch(
+                name,
+                bin_dir_ref,
+                data_dir_ref,
+                log_path_ref,
+                port,
+                password_ref,
+                identity_ref,
             )
-            .await;
-            match launched {
-                Ok((process, version)) => {
-                    check_major(opts.major, &version, &bin_dir)?;
-                    tracing::info!(name = %opts.name, version = %version, port, "server ready");
-                    return Ok(PgServer {
-                        major: opts.major,
-                        version,
-                        name: opts.name,
-                        data_dir,
-                        bin_dir,
-                        log_path,
-                        port,
-                        password,
-                        settings,
-                        identity,
-                        process,
-                    });
-                }
-                Err(e) if attempt < PORT_ATTEMPTS && is_port_collision(&e) => {
-                    tracing::warn!(port, "port taken before the server bound it; retrying");
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            .await?;
+            Ok((port, process, version))
+        })
+        .await?;
+        check_major(opts.major, &version, &bin_dir)?;
+        tracing::info!(name = %opts.name, version = %version, port, "server ready");
+        Ok(PgServer {
+            major: opts.major,
+            version,
+            name: opts.name,
+            data_dir,
+            bin_dir,
+            log_path,
+            port,
+            password,
+            settings,
+            identity,
+            process,
+        })
     }
 
     /// The TCP port on 127.0.0.1.
@@ -683,11 +681,6 @@ fn check_major(expected: u32, version: &str, bin_dir: &Path) -> Result<()> {
             bin_dir: bin_dir.to_path_buf(),
         })
     }
-}
-
-fn is_port_collision(err: &Error) -> bool {
-    matches!(err, Error::Exited { log_tail, .. }
-        if log_tail.contains("Address already in use") || log_tail.contains("could not bind"))
 }
 
 #[cfg(test)]
