@@ -57,6 +57,9 @@ struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also save the JSON object to this file (the table is still printed).
+    #[arg(long, value_name = "FILE")]
+    save_json: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -174,6 +177,10 @@ async fn run(args: &Args) -> Result<ExitCode> {
                 .map_err(io(format!("cannot write {}", path.display())))?;
             tracing::info!(path = %path.display(), "picture written");
         }
+    }
+    if let Some(path) = &args.save_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .map_err(io(format!("cannot write {}", path.display())))?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
