@@ -118,5 +118,7 @@ log "ready: PostgreSQL 13-18 in $cache/pg, pgbouncer $(/usr/sbin/pgbouncer --ver
 # the demo, which does not need it.
 if [ "${PGSHIFT_SKIP_KUBE:-0}" != 1 ]; then
   PGSHIFT_CACHE="$cache" bash "$(dirname "$0")/kube/build.sh" >/dev/null
+  # helm for the chart tests (lint, template); also a Go build, cached by version.
+  PGSHIFT_CACHE="$cache" bash "$(dirname "$0")/helm/build.sh" >/dev/null
 fi
 echo "$cache"

@@ -215,6 +215,7 @@ mod tests {
             failed: 1,
             in_doubt: 0,
             connect_failures: 0,
+            reconnects: 0,
             duration: Duration::from_secs(1),
             tps: 0.0,
             p50_ms: 0.0,

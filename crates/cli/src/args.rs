@@ -38,6 +38,29 @@ pub enum Command {
     Cleanup(Common),
     /// Try it on local servers: old and new PostgreSQL, PgBouncer, a live write load, the upgrade, a report.
     Demo(DemoArgs),
+    /// Run the Kubernetes operator that drives PostgresUpgrade resources (in-cluster or kubeconfig credentials).
+    Operator(OperatorArgs),
+    /// Print the PostgresUpgrade CustomResourceDefinition (YAML), for `kubectl apply -f -`.
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "PGSHIFT_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Namespace of the leader-election Lease (default: the pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease shared by the operator's replicas.
+    #[arg(long, default_value = "pgshift-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, from POD_NAME).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

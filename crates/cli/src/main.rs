@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new(format!(
-                    "pgshift={0},pgshift_engine={0},pgshift_lab={0}",
+                    "pgshift={0},pgshift_engine={0},pgshift_lab={0},pgshift_operator={0}",
                     cli.log_level
                 ))
             }),
@@ -120,6 +120,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Operator(args) => operator(args).await,
+        Command::Crd => {
+            print!("{}", pgshift_operator::crd::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -195,4 +200,36 @@ pub fn plan(common: &Common) -> anyhow::Result<Plan> {
         }));
     }
     Ok(plan)
+}
+
+async fn operator(args: args::OperatorArgs) -> anyhow::Result<ExitCode> {
+    let client = kube::Client::try_default().await.context(
+        "cannot reach the Kubernetes API server: run in a pod with a ServiceAccount, or set KUBECONFIG",
+    )?;
+    let identity = args.identity.unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "pgshift".into()),
+            std::process::id()
+        )
+    });
+    let mut lease =
+        pgshift_operator::leader::LeaseConfig::new(args.lease_namespace, args.lease_name, identity);
+    if let Ok(seconds) = std::env::var("PGSHIFT_LEASE_SECONDS") {
+        let seconds: u64 = seconds
+            .parse()
+            .context("PGSHIFT_LEASE_SECONDS must be a whole number of seconds")?;
+        lease.lease_duration = std::time::Duration::from_secs(seconds);
+        lease.renew_every = std::time::Duration::from_secs(seconds).div_f64(3.0);
+    }
+    pgshift_operator::controller::run(
+        client,
+        pgshift_operator::controller::Options {
+            watch_namespace: args.watch_namespace,
+            metrics_addr: args.metrics_addr,
+            lease,
+        },
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
 }

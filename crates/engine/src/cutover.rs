@@ -14,7 +14,7 @@ use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::Event;
 use crate::names::{self, step};
 use crate::pgbouncer::{self, Admin, PgbouncerTarget};
-use crate::plan::Traffic;
+use crate::plan::{Routed, Traffic};
 use crate::sql;
 use crate::upgrade::{forget_step, record_step, Upgrade};
 
@@ -42,6 +42,47 @@ pub struct StepTiming {
 enum Fence {
     Pgbouncer(Box<BouncerFence>),
     Direct,
+    Routed(Box<RoutedFence>),
+}
+
+/// Poolers paused and the source fenced as in direct mode; the router switches.
+struct RoutedFence {
+    routed: Routed,
+    poolers: Vec<PoolerConsoles>,
+}
+
+struct PoolerConsoles {
+    /// Issues PAUSE (which waits) and later RECONNECT/RESUME.
+    admin: Admin,
+    /// To RESUME while a PAUSE is still waiting.
+    spare: Admin,
+}
+
+impl RoutedFence {
+    async fn connect(routed: &Routed) -> Result<RoutedFence> {
+        let poolers = try_join_all(routed.poolers.iter().map(|endpoint| async move {
+            Ok::<_, Error>(PoolerConsoles {
+                admin: Admin::connect(endpoint).await?,
+                spare: Admin::connect(endpoint).await?,
+            })
+        }))
+        .await?;
+        Ok(RoutedFence {
+            routed: routed.clone(),
+            poolers,
+        })
+    }
+
+    /// Releases every pooler's clients; a pooler that is not paused is fine.
+    async fn resume_all(&self) -> Result<()> {
+        try_join_all(
+            self.poolers
+                .iter()
+                .map(|p| async { p.spare.command("RESUME").await.or_else(not_paused) }),
+        )
+        .await
+        .map(|_| ())
+    }
 }
 
 struct BouncerFence {
@@ -124,7 +165,8 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
     Ok(CutoverReport {
         mode: match fence {
             Fence::Pgbouncer(_) => "pgbouncer",
-            Fence::Direct => "direct",
+            Fence::Routed(routed) if !routed.poolers.is_empty() => "pgbouncer",
+            Fence::Direct | Fence::Routed(_) => "direct",
         },
         pause_ms,
         sequences_synced,
@@ -173,6 +215,7 @@ async fn fenced_part(
 async fn prepare_fence(up: &Upgrade) -> Result<Fence> {
     match &up.plan.traffic {
         Traffic::Direct => Ok(Fence::Direct),
+        Traffic::Routed(routed) => Ok(Fence::Routed(Box::new(RoutedFence::connect(routed).await?))),
         Traffic::Pgbouncer(target) => {
             let config = pgbouncer::read_config(&target.config_path)?;
             let moved = pgbouncer::entries_to_move(&config, target, &up.plan.source)?;
@@ -216,20 +259,39 @@ async fn raise_fence(up: &Upgrade, fence: &Fence, clock: &Clock) -> Result<i64> 
             }
             Ok(0)
         }
-        Fence::Direct => {
-            for name in &up.databases {
-                up.source_admin
-                    .batch_execute(&sql::set_database_read_only(name, true))
-                    .await
-                    .on(Side::Source, "making the source read-only")?;
-            }
-            // A session that began before the setting keeps writing: end every client session.
-            let ended = tokio::time::timeout(clock.remaining(), end_sessions(up))
+        Fence::Direct => fence_source(up, clock).await,
+        Fence::Routed(routed) if routed.poolers.is_empty() => {
+            tokio::time::timeout(clock.remaining(), routed.routed.router.isolate())
                 .await
-                .map_err(|_| clock.over("ending client sessions on the source"))??;
-            Ok(ended)
+                .map_err(|_| clock.over("isolating the clients' route"))??;
+            fence_source(up, clock).await
+        }
+        Fence::Routed(routed) => {
+            // PAUSE returns once each pooler's in-flight transactions have finished; its idle
+            // server connections are then ended with any session that bypasses the poolers.
+            tokio::time::timeout(
+                clock.remaining(),
+                try_join_all(routed.poolers.iter().map(|p| p.admin.command("PAUSE"))),
+            )
+            .await
+            .map_err(|_| clock.over("waiting for in-flight transactions to finish (PAUSE)"))??;
+            fence_source(up, clock).await
         }
     }
+}
+
+/// Direct mode's fence: the moved databases read-only, every client session ended.
+async fn fence_source(up: &Upgrade, clock: &Clock) -> Result<i64> {
+    for name in &up.databases {
+        up.source_admin
+            .batch_execute(&sql::set_database_read_only(name, true))
+            .await
+            .on(Side::Source, "making the source read-only")?;
+    }
+    // A session that began before the setting keeps writing: end every client session.
+    tokio::time::timeout(clock.remaining(), end_sessions(up))
+        .await
+        .map_err(|_| clock.over("ending client sessions on the source"))?
 }
 
 /// Terminates every client session of the moved databases but pgshift's own, and waits until
@@ -419,7 +481,22 @@ async fn switch(up: &Upgrade, fence: &Fence) -> Result<()> {
                 .await?;
         }
     }
+    if let Fence::Routed(routed) = fence {
+        route_and_release(&routed.routed, &routed.poolers).await?;
+    }
     Ok(())
+}
+
+/// The router points the route at the target; each pooler drops its server connections and
+/// releases its clients there.
+async fn route_and_release(routed: &Routed, poolers: &[PoolerConsoles]) -> Result<()> {
+    routed.router.route_to_target().await?;
+    try_join_all(poolers.iter().map(|p| async {
+        p.admin.command("RECONNECT").await?;
+        p.admin.command("RESUME").await.or_else(not_paused)
+    }))
+    .await
+    .map(|_| ())
 }
 
 /// Records the switch in every target database and opens them for writes, all at once. This
@@ -476,14 +553,24 @@ async fn lift_fence(up: &Upgrade, fence: &Fence) -> Result<()> {
                     .or_else(not_paused)?;
             }
         }
-        Fence::Direct => {
-            for name in &up.databases {
-                up.source_admin
-                    .batch_execute(&sql::set_database_read_only(name, false))
-                    .await
-                    .on(Side::Source, "making the source writable again")?;
+        Fence::Direct => unfence_source(up).await?,
+        Fence::Routed(routed) => {
+            unfence_source(up).await?;
+            if routed.poolers.is_empty() {
+                routed.routed.router.restore().await?;
             }
+            routed.resume_all().await?;
         }
+    }
+    Ok(())
+}
+
+async fn unfence_source(up: &Upgrade) -> Result<()> {
+    for name in &up.databases {
+        up.source_admin
+            .batch_execute(&sql::set_database_read_only(name, false))
+            .await
+            .on(Side::Source, "making the source writable again")?;
     }
     Ok(())
 }
@@ -539,6 +626,10 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
         });
         match &up.plan.traffic {
             Traffic::Direct => lift_fence(up, &Fence::Direct).await?,
+            Traffic::Routed(routed) => {
+                let fence = Fence::Routed(Box::new(RoutedFence::connect(routed).await?));
+                lift_fence(up, &fence).await?;
+            }
             Traffic::Pgbouncer(target) => {
                 let config = pgbouncer::read_config(&target.config_path)?;
                 let ours = pgbouncer::entries_to_move(&config, target, &up.plan.source)?;
@@ -560,6 +651,12 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
 /// PgBouncer's entries pointing at the target, and its clients released.
 async fn complete_switch(up: &Upgrade) -> Result<()> {
     open_target(up).await?;
+    if let Traffic::Routed(routed) = &up.plan.traffic {
+        // RECONNECT and RESUME are harmless on a pooler that is not paused (PgBouncer before
+        // 1.21 cannot say whether it is paused).
+        let fence = RoutedFence::connect(routed).await?;
+        route_and_release(routed, &fence.poolers).await?;
+    }
     if let Traffic::Pgbouncer(target) = &up.plan.traffic {
         let admin = Admin::connect(&target.admin).await?;
         let config = pgbouncer::read_config(&target.config_path)?;

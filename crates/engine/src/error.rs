@@ -75,6 +75,10 @@ pub enum Error {
     #[error("pgbouncer: {0}")]
     Pgbouncer(String),
 
+    /// The caller's router could not point clients at the target.
+    #[error("moving traffic to the target: {0}")]
+    Route(String),
+
     #[error("{0}")]
     State(String),
 

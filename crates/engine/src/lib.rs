@@ -21,5 +21,5 @@ pub mod upgrade;
 pub use endpoint::{Endpoint, PasswordSources, Secret};
 pub use error::{Error, Result, Side};
 pub use events::{Event, EventSink, Phase};
-pub use plan::{CutoverMode, Databases, Plan, Traffic};
+pub use plan::{CutoverMode, Databases, Plan, Routed, Router, Traffic};
 pub use upgrade::{Advance, Outcome, Upgrade};

@@ -175,18 +175,49 @@ pub async fn ensure_target_database(
     Ok(true)
 }
 
+/// pg_dump's options for the schema (connection options aside).
+pub fn dump_options() -> Vec<String> {
+    vec![
+        "--schema-only".into(),
+        "--no-publications".into(),
+        "--no-subscriptions".into(),
+        "--no-password".into(),
+        format!("--exclude-schema={}", names::META_SCHEMA),
+    ]
+}
+
+/// psql's options for the restore (connection and file aside): one transaction, stop at the
+/// first error.
+pub fn restore_options() -> Vec<String> {
+    [
+        "--no-psqlrc",
+        "--quiet",
+        "--single-transaction",
+        "--no-password",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// SQL that ends the schema restore, in its transaction: pgshift's own objects and the step
+/// record, so that the step is recorded if and only if the schema is there.
+pub fn restore_epilogue() -> String {
+    format!(
+        "\nSET default_transaction_read_only = off;\n{}\nINSERT INTO {} (step) VALUES ({}) ON CONFLICT DO NOTHING;\n",
+        sql::create_meta_objects(true),
+        sql::qualified(names::META_SCHEMA, names::STATE_TABLE),
+        sql::literal(names::step::SCHEMA)
+    )
+}
+
 /// Dumps the schema of `database` from the source and restores it into the target in one
 /// transaction, together with pgshift's own objects and the step record.
 pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) -> Result<()> {
     let passfile = PassFile::write(&[source, target])?;
     let dump = tool(&tools.pg_dump)
-        .args([
-            "--schema-only",
-            "--no-publications",
-            "--no-subscriptions",
-            "--no-password",
-        ])
-        .arg(format!("--exclude-schema={}", names::META_SCHEMA))
+        .args(dump_options())
         .args(connection_args(source))
         .env("PGPASSFILE", passfile.path())
         .output()
@@ -200,29 +231,12 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
         )));
     }
     let mut script = dump.stdout;
-    // Same transaction as the schema: the step is recorded if and only if the schema is there.
-    script.extend_from_slice(b"\nSET default_transaction_read_only = off;\n");
-    script.extend_from_slice(sql::create_meta_objects(true).as_bytes());
-    script.extend_from_slice(
-        format!(
-            "\nINSERT INTO {} (step) VALUES ({}) ON CONFLICT DO NOTHING;\n",
-            sql::qualified(names::META_SCHEMA, names::STATE_TABLE),
-            sql::literal(names::step::SCHEMA)
-        )
-        .as_bytes(),
-    );
+    script.extend_from_slice(restore_epilogue().as_bytes());
     // A complete file, not a pipe: if pgshift dies, psql must not read a cut-off script to its
     // end and COMMIT it. With the file and the parent-death signal, the restore is all or nothing.
     let script_file = temporary_file("pgshift-schema", &script)?;
     let output = tool(&tools.psql)
-        .args([
-            "--no-psqlrc",
-            "--quiet",
-            "--single-transaction",
-            "--no-password",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
+        .args(restore_options())
         .arg(format!("--file={}", script_file.path().display()))
         .args(connection_args(target))
         .env("PGPASSFILE", passfile.path())

@@ -157,7 +157,17 @@ impl Upgrade {
     pub async fn preflight(&mut self) -> Result<Report> {
         let source = preflight::server_facts(&self.source_admin, Side::Source).await?;
         let target = preflight::server_facts(&self.target_admin, Side::Target).await?;
-        let tools = match Tools::locate(self.plan.pg_bin_dir.as_deref()) {
+        let local_tools = if self.plan.schema_tools_in_target_image {
+            None
+        } else {
+            Tools::locate(self.plan.pg_bin_dir.as_deref())
+        };
+        let tools = match local_tools {
+            None if self.plan.schema_tools_in_target_image => ToolFacts {
+                pg_dump: Some(target.version.clone()),
+                pg_dump_major: Some(target.major()),
+                psql_found: true,
+            },
             Some(tools) => {
                 let version = tools.pg_dump_version().await.ok();
                 ToolFacts {
@@ -385,14 +395,7 @@ impl Upgrade {
     /// what it did, or every database's state when nothing is left but waiting, the cutover,
     /// or nothing at all. `run` is a loop around this; tests use it to stop between steps.
     pub async fn advance(&mut self) -> Result<Advance> {
-        let observed = self.observe().await?;
-        let actions: Vec<(Database, Action)> = observed
-            .into_iter()
-            .map(|db| {
-                let action = observe::decide(&db);
-                (db, action)
-            })
-            .collect();
+        let actions = self.next_steps().await?;
         match actions.iter().find(|(_, a)| is_work(a)) {
             Some((db, action)) => {
                 self.act(db, action).await?;
@@ -403,6 +406,45 @@ impl Upgrade {
             }
             None => Ok(Advance::Settled(actions)),
         }
+    }
+
+    /// Finishes or undoes a cutover that a crash interrupted (see `cutover::recover`); does
+    /// nothing when none was interrupted.
+    pub async fn recover(&mut self) -> Result<()> {
+        cutover::recover(self).await
+    }
+
+    /// Every database with the step it needs next, without acting.
+    pub async fn next_steps(&mut self) -> Result<Vec<(Database, Action)>> {
+        Ok(self
+            .observe()
+            .await?
+            .into_iter()
+            .map(|db| {
+                let action = observe::decide(&db);
+                (db, action)
+            })
+            .collect())
+    }
+
+    /// The first half of `CopySchema`, for a caller that restores the schema with tools of its
+    /// own (the operator's Job): checks that the target database holds no tables of its own,
+    /// and copies the roles. The restore must run [`schema::restore_epilogue`] in its
+    /// transaction, which records the step.
+    pub async fn prepare_schema_copy(&mut self, name: &str) -> Result<()> {
+        self.db(name).await?;
+        let connections = self.conns(name);
+        let foreign =
+            preflight::foreign_tables(connections.target.as_ref().expect("database exists"))
+                .await?;
+        if let Some(example) = foreign.first() {
+            return Err(Error::TargetNotEmpty {
+                database: name.to_string(),
+                example: example.clone(),
+            });
+        }
+        schema::sync_roles(&self.source_admin, &self.target_admin).await?;
+        Ok(())
     }
 
     /// Runs the cutover now (manual mode's second half): the databases must be in sync.
@@ -507,6 +549,8 @@ impl Upgrade {
         }
         match action {
             Action::CreateDatabase => {
+                // The database's owner may be a role the target does not have yet.
+                schema::sync_roles(&self.source_admin, &self.target_admin).await?;
                 self.db(&name).await?;
                 let connections = self.conns(&name);
                 schema::ensure_target_database(&connections.source, &self.target_admin, &name)
@@ -514,22 +558,15 @@ impl Upgrade {
                 // Reconnect to pick up the new database.
                 self.db(&name).await?;
             }
+            Action::CopySchema if self.plan.schema_tools_in_target_image => {
+                return Err(Error::State(format!(
+                    "database {name} needs its schema copied, which this caller does with the target image's tools"
+                )));
+            }
             Action::CopySchema => {
-                let foreign = {
-                    self.db(&name).await?;
-                    let connections = self.conns(&name);
-                    preflight::foreign_tables(connections.target.as_ref().expect("database exists"))
-                        .await?
-                };
-                if let Some(example) = foreign.first() {
-                    return Err(Error::TargetNotEmpty {
-                        database: name,
-                        example: example.clone(),
-                    });
-                }
                 let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
                     .ok_or_else(|| Error::Tool("pg_dump not found; pass --pg-bin-dir".into()))?;
-                schema::sync_roles(&self.source_admin, &self.target_admin).await?;
+                self.prepare_schema_copy(&name).await?;
                 schema::copy_schema(
                     &tools,
                     &self.plan.source.with_dbname(&name),

@@ -1,5 +1,6 @@
 //! The ledger in direct mode: clients follow the writable server, count rejections, reconnect
-//! after their sessions are ended, and verification accounts for every attempt.
+//! after their sessions are ended or have reached their lifetime, and verification accounts
+//! for every attempt.
 
 use std::time::Duration;
 
@@ -110,6 +111,73 @@ async fn fenced_server_rejects_writes_and_clients_reconnect_after_termination() 
 
     let verification = Ledger::verify(&admin, &report).await.unwrap();
     println!("{}", serde_json::to_string(&verification).unwrap());
+    assert!(verification.is_ok(), "{verification:?}");
+    assert_eq!(verification.found, report.committed);
+}
+
+/// Sessions the server has seen in database `db` (pg_stat_database, 14 and later).
+async fn sessions(client: &tokio_postgres::Client, db: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT sessions FROM pg_stat_database WHERE datname = $1",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn clients_replace_connections_that_reach_their_lifetime() {
+    require_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let server = PgServer::start(ServerOptions::new(16, dir.path(), "lifetime"))
+        .await
+        .unwrap();
+    server.create_database("app").await.unwrap();
+    let admin = server.connect("app").await.unwrap();
+    Ledger::install(&admin, 10).await.unwrap();
+    let before = sessions(&admin, "app").await;
+
+    let opts = LoadOptions {
+        rate: Some(200.0),
+        max_connection_lifetime: Some(Duration::from_millis(300)),
+        ..LoadOptions::new(2)
+    };
+    let handle = Ledger::run(LedgerTarget::server(&server, "app"), opts);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = handle.stop().await;
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+
+    // 2 s of 300 ms lifetimes: about 6 per client; asking for 3 each leaves room for a slow
+    // machine.
+    assert!(
+        report.reconnects >= 6,
+        "{} reconnects: {:?}",
+        report.reconnects,
+        report.errors
+    );
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(report.in_doubt, 0, "{:?}", report.errors);
+    assert_eq!(report.connect_failures, 0, "{:?}", report.errors);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The server saw every one of those connections: each client's first plus its reconnects.
+    // A session is counted when its backend reports statistics, at the latest when it exits.
+    let expected = 2 + report.reconnects as i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = sessions(&admin, "app").await - before;
+        if seen >= expected {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server saw {seen} sessions, the report says {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let verification = Ledger::verify(&admin, &report).await.unwrap();
     assert!(verification.is_ok(), "{verification:?}");
     assert_eq!(verification.found, report.committed);
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -688,6 +688,142 @@ async fn job_exit_code(client: &kube::Client, name: &str) -> i32 {
     let status = list.items[0].status.clone().unwrap();
     let state = status.container_statuses.unwrap()[0].state.clone().unwrap();
     state.terminated.expect("a terminated container").exit_code
+}
+
+/// The status of the (only) container of pod `name` once `done` holds for it.
+async fn container_status(
+    pods: &Api<Pod>,
+    name: &str,
+    what: &str,
+    done: impl Fn(&ContainerStatus) -> bool,
+) -> ContainerStatus {
+    eventually(
+        &format!("pod {name}: {what}"),
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            let done = &done;
+            async move {
+                let status = pods.get(name).await.ok()?.status?.container_statuses?;
+                status.into_iter().next().filter(done)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_containers_report_termination_messages() {
+    let cluster = start().await;
+    let client = cluster.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, restart: &str, policy: &str, script: &str| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": restart,
+                "containers": [{
+                    "name": "main", "image": "postgres:18",
+                    "command": ["sh", "-c", script],
+                    "terminationMessagePolicy": policy,
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                }],
+                "volumes": [{"name": "scratch", "emptyDir": {}}],
+            },
+        }))
+        .unwrap()
+    };
+
+    // A failing Job with FallbackToLogsOnError: its output (stdout and stderr) is the message.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), "default");
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "fails"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "postgres:18",
+                "command": ["sh", "-c", "echo first; echo \"psql: error: something failed\" >&2; exit 3"],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }],
+        }}},
+    }))
+    .unwrap();
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    // The program writes its own message: exit 0 with it (its output is not the message).
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "writes",
+            "Never",
+            "File",
+            "echo progress; echo 'migrated 42 rows' > /dev/termination-log",
+        ),
+    )
+    .await
+    .unwrap();
+    // A first run that fails with a message of its own (which wins over its output), then a
+    // run that succeeds without one: the file is new for every run.
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "retries",
+            "OnFailure",
+            "FallbackToLogsOnError",
+            "if [ -e /scratch/ran ]; then echo second run; exit 0; fi; touch /scratch/ran; \
+             echo first run; echo 'disk full' > /dev/termination-log; exit 1",
+        ),
+    )
+    .await
+    .unwrap();
+
+    job_finished(&jobs, "fails", "Failed").await;
+    let list = pods
+        .list(&ListParams::default().labels("job-name=fails"))
+        .await
+        .unwrap();
+    let status = list.items[0]
+        .status
+        .clone()
+        .unwrap()
+        .container_statuses
+        .unwrap();
+    let terminated = status[0].state.clone().unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 3);
+    assert_eq!(terminated.reason.as_deref(), Some("Error"));
+    assert_eq!(
+        terminated.message.as_deref(),
+        Some("first\npsql: error: something failed\n")
+    );
+
+    let writes = container_status(&pods, "writes", "terminated", |s| {
+        s.state.as_ref().is_some_and(|s| s.terminated.is_some())
+    })
+    .await;
+    let terminated = writes.state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.exit_code, 0);
+    assert_eq!(terminated.reason.as_deref(), Some("Completed"));
+    assert_eq!(terminated.message.as_deref(), Some("migrated 42 rows\n"));
+
+    let retries = container_status(&pods, "retries", "succeeded after a restart", |s| {
+        s.state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0)
+    })
+    .await;
+    assert_eq!(retries.restart_count, 1);
+    let terminated = retries.state.unwrap().terminated.unwrap();
+    assert_eq!(terminated.reason.as_deref(), Some("Completed"));
+    assert_eq!(terminated.message, None);
+    let last = retries.last_state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (
+            last.exit_code,
+            last.reason.as_deref(),
+            last.message.as_deref()
+        ),
+        (1, Some("Error"), Some("disk full\n"))
+    );
 }
 
 /// `roots` and all their descendants that are alive now (from /proc).

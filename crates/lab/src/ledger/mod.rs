@@ -123,6 +123,11 @@ pub struct LoadOptions {
     /// How long [`LedgerHandle::stop`] lets in-flight transactions finish before abandoning
     /// them (they are then counted in doubt).
     pub stop_grace: Duration,
+    /// Retire a connection once it is this old, as application pools do (HikariCP's
+    /// `maxLifetime`, pgx's `MaxConnLifetime`): between two transactions, never during one,
+    /// the client closes it and connects anew (counted in `reconnects`). `None`: a
+    /// connection is kept until it breaks.
+    pub max_connection_lifetime: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -132,6 +137,7 @@ impl Default for LoadOptions {
             rate: None,
             connect_timeout: Duration::from_secs(5),
             stop_grace: Duration::from_secs(30),
+            max_connection_lifetime: None,
         }
     }
 }
@@ -157,6 +163,8 @@ pub struct LedgerSnapshot {
     pub in_doubt: u64,
     /// Failed connection attempts so far.
     pub connect_failures: u64,
+    /// Connections replaced for their age so far.
+    pub reconnects: u64,
     /// Time since the run started.
     #[serde(rename = "elapsed_s", serialize_with = "secs")]
     pub elapsed: Duration,
@@ -180,6 +188,9 @@ pub struct LedgerReport {
     pub in_doubt: u64,
     /// Failed connection attempts (clients reconnect and carry on).
     pub connect_failures: u64,
+    /// Connections replaced because they reached [`LoadOptions::max_connection_lifetime`]
+    /// (planned; not failures).
+    pub reconnects: u64,
     /// From the run's start to the stop request.
     #[serde(rename = "duration_s", serialize_with = "secs")]
     pub duration: Duration,
@@ -345,6 +356,7 @@ impl Ledger {
                     run_id: run_id.clone(),
                     configs: configs.clone(),
                     connect_timeout: opts.connect_timeout,
+                    max_connection_lifetime: opts.max_connection_lifetime,
                     interval,
                     started,
                     counters: counters.clone(),
@@ -472,6 +484,7 @@ impl LedgerHandle {
             failed: self.counters.failed.load(Ordering::Relaxed),
             in_doubt: self.counters.in_doubt.load(Ordering::Relaxed),
             connect_failures: self.counters.connect_failures.load(Ordering::Relaxed),
+            reconnects: self.counters.reconnects.load(Ordering::Relaxed),
             elapsed: self.started.elapsed(),
         }
     }
@@ -523,6 +536,7 @@ impl LedgerHandle {
             committed = report.committed,
             failed = report.failed,
             in_doubt = report.in_doubt,
+            reconnects = report.reconnects,
             tps = report.tps,
             "ledger run stopped"
         );
@@ -650,6 +664,7 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["duration_s"], 1.5);
         assert_eq!(json["committed"], 1);
+        assert_eq!(json["reconnects"], 0);
         assert!(json.get("acknowledged").is_none());
         assert!(json.get("samples").is_none());
         let sample = serde_json::to_value(report.samples[0]).unwrap();

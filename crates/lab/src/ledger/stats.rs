@@ -58,6 +58,8 @@ pub(crate) struct ClientRecord {
     pub(crate) in_doubt: Vec<String>,
     pub(crate) errors: ErrorTally,
     pub(crate) connect_failures: u64,
+    /// Connections replaced for their age.
+    pub(crate) reconnects: u64,
     /// Accounts found in the database (0 if the client never connected).
     pub(crate) accounts: u32,
 }
@@ -105,6 +107,7 @@ pub(crate) fn build_report(info: RunInfo, records: Vec<ClientRecord>) -> LedgerR
     let mut in_doubt_txids = Vec::new();
     let mut errors = ErrorTally::default();
     let mut connect_failures = 0;
+    let mut reconnects = 0;
     let mut accounts = 0;
     for record in records {
         accounts = accounts.max(record.accounts);
@@ -113,6 +116,7 @@ pub(crate) fn build_report(info: RunInfo, records: Vec<ClientRecord>) -> LedgerR
         in_doubt_txids.extend(record.in_doubt);
         errors.merge(record.errors);
         connect_failures += record.connect_failures;
+        reconnects += record.reconnects;
     }
     samples.sort_by_key(|s| s.start_us);
     acknowledged.sort_unstable();
@@ -152,6 +156,7 @@ pub(crate) fn build_report(info: RunInfo, records: Vec<ClientRecord>) -> LedgerR
         failed,
         in_doubt,
         connect_failures,
+        reconnects,
         duration: info.duration,
         tps: if seconds > 0.0 {
             committed as f64 / seconds
@@ -239,6 +244,7 @@ mod tests {
             in_doubt: vec![],
             errors,
             connect_failures: 2,
+            reconnects: 3,
             accounts: 10,
         };
         let second = ClientRecord {
@@ -263,6 +269,7 @@ mod tests {
             (3, 1, 1)
         );
         assert_eq!(report.connect_failures, 2);
+        assert_eq!(report.reconnects, 3);
         assert_eq!(report.accounts, 10);
         assert_eq!(report.acknowledged, vec!["c0-1-r", "c0-3-r", "c1-1-r"]);
         assert_eq!(report.in_doubt_txids, vec!["c1-2-r"]);

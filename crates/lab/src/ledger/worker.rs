@@ -35,6 +35,7 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) in_doubt: AtomicU64,
     pub(crate) connect_failures: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
 }
 
 /// What a client needs to run.
@@ -44,6 +45,8 @@ pub(crate) struct ClientSpec {
     /// Endpoints tried in order on every (re)connect.
     pub(crate) configs: Arc<[Config]>,
     pub(crate) connect_timeout: Duration,
+    /// Age at which a connection is replaced between transactions.
+    pub(crate) max_connection_lifetime: Option<Duration>,
     /// Time between attempt starts when rate-limited.
     pub(crate) interval: Option<Duration>,
     pub(crate) started: Instant,
@@ -104,7 +107,10 @@ pub(crate) fn error_message(err: &tokio_postgres::Error) -> String {
 pub(crate) async fn run_client(spec: ClientSpec) -> ClientRecord {
     let mut record = ClientRecord::default();
     let mut rng = StdRng::from_entropy();
-    let mut connection: Option<Client> = None;
+    // The session and when it was opened.
+    let mut connection: Option<(Client, Instant)> = None;
+    // The session was retired for its age: the next successful connect is a reconnect.
+    let mut retired = false;
     // Learned from the database on the first connection.
     let mut accounts: Option<u32> = None;
     let mut backoff = MIN_BACKOFF;
@@ -127,13 +133,29 @@ pub(crate) async fn run_client(spec: ClientSpec) -> ClientRecord {
             next_due = Some((due + interval).max(now));
         }
 
-        let client = match connection.take() {
-            Some(client) if !client.is_closed() => client,
+        // Checked here, between transactions, so that a session that aged while the client
+        // slept is retired too. Dropping the client ends the session cleanly (Terminate).
+        if let Some((_, opened)) = &connection {
+            if spec
+                .max_connection_lifetime
+                .is_some_and(|lifetime| opened.elapsed() >= lifetime)
+            {
+                connection = None;
+                retired = true;
+            }
+        }
+        let (client, opened) = match connection.take() {
+            Some((client, opened)) if !client.is_closed() => (client, opened),
             _ => match open(&spec, accounts).await {
                 Ok((client, count)) => {
                     backoff = MIN_BACKOFF;
                     accounts = Some(count);
-                    client
+                    if retired {
+                        retired = false;
+                        record.reconnects += 1;
+                        spec.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (client, Instant::now())
                 }
                 Err(message) => {
                     if *spec.phase.borrow() != Phase::Running {
@@ -212,7 +234,7 @@ pub(crate) async fn run_client(spec: ClientSpec) -> ClientRecord {
         });
         // Keep the session unless it may be broken.
         if outcome != Outcome::InDoubt && !client.is_closed() {
-            connection = Some(client);
+            connection = Some((client, opened));
         }
     }
     record.accounts = accounts.unwrap_or(0);

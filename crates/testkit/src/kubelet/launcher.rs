@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::{Read, Seek, SeekFrom};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,14 @@ use super::image::{postgres_path, postgres_tool, Image, NEWEST_MAJOR};
 use super::volumes::{field_value, Mounts};
 use super::Ctx;
 use crate::process::Process;
+
+/// Where the API server's defaulting puts a container's termination log.
+const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// A real kubelet's limits: the termination log's last 4 KiB; else, with
+/// `FallbackToLogsOnError`, the log's last 80 lines, at most their last 2 KiB.
+const MAX_MESSAGE_BYTES: u64 = 4096;
+const MAX_LOG_LINES: usize = 80;
+const MAX_LOG_BYTES: u64 = 2048;
 
 /// Why a container could not be started.
 #[derive(Debug)]
@@ -45,6 +54,8 @@ pub(crate) struct Launcher {
     run_dir: PathBuf,
     home: PathBuf,
     log: PathBuf,
+    /// The termination log file here (mounted at `terminationMessagePath`).
+    termination_log: PathBuf,
     name: String,
 }
 
@@ -74,8 +85,15 @@ impl Launcher {
                 .own(dir)
                 .map_err(|e| StartError::Config(e.to_string()))?;
         }
-        let mounts =
+        let mut mounts =
             Mounts::new(container, volumes, base.join("rootfs")).map_err(StartError::Config)?;
+        let termination_log = mounts.mount_file(
+            container
+                .termination_message_path
+                .as_deref()
+                .filter(|path| !path.is_empty())
+                .unwrap_or(DEFAULT_TERMINATION_MESSAGE_PATH),
+        );
         let env = resolve_env(&ctx, pod, container, ip)
             .await
             .map_err(StartError::Config)?;
@@ -88,6 +106,7 @@ impl Launcher {
             run_dir,
             home,
             log: log_dir.join(format!("{}.log", container.name)),
+            termination_log,
             name: format!("{}/{}", pod.name_any(), container.name),
             ctx,
         })
@@ -117,8 +136,46 @@ impl Launcher {
             .collect()
     }
 
+    /// Where the next run's output starts in the container's log (one log for all runs).
+    pub(crate) fn log_position(&self) -> u64 {
+        fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// The termination message of a run that ended with `exit_code` and whose output starts at
+    /// `log_from` in the container's log.
+    pub(crate) fn termination_message(&self, exit_code: i32, log_from: u64) -> String {
+        let fallback = exit_code != 0
+            && self.container.termination_message_policy.as_deref()
+                == Some("FallbackToLogsOnError");
+        termination_message(
+            &self.termination_log,
+            fallback.then_some((self.log.as_path(), log_from)),
+        )
+    }
+
+    /// A new, empty termination log for a run, which the pod's user can write (a real kubelet
+    /// mounts a new file for every run: a message never outlives its run).
+    fn reset_termination_log(&self) -> Result<(), StartError> {
+        let path = &self.termination_log;
+        let failed = |e: std::io::Error| {
+            StartError::Config(format!(
+                "cannot create the termination log {}: {e}",
+                path.display()
+            ))
+        };
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(failed)?;
+        }
+        fs::write(path, b"").map_err(failed)?;
+        self.ctx
+            .run_as
+            .own(path)
+            .map_err(|e| StartError::Config(e.to_string()))
+    }
+
     /// Starts the container's main process (after the image's initialisation, if any).
     pub(crate) async fn start(&self) -> Result<Arc<Process>, StartError> {
+        self.reset_termination_log()?;
         let command = self.expand_all(&self.container.command);
         let args = self.expand_all(&self.container.args);
         match self.image {
@@ -184,7 +241,16 @@ impl Launcher {
             )
         })?;
         let mut cmd = self.command(&path);
-        cmd.args(argv[1..].iter().map(|a| self.mounts.translate_arg(a)));
+        let script = matches!(name.as_str(), "sh" | "bash")
+            .then(|| script_index(&argv[1..]))
+            .flatten();
+        cmd.args(argv[1..].iter().enumerate().map(|(i, arg)| {
+            if Some(i) == script {
+                self.mounts.translate_script(arg)
+            } else {
+                self.mounts.translate_arg(arg)
+            }
+        }));
         self.spawn(cmd, purpose, libc::SIGTERM)
     }
 
@@ -456,6 +522,61 @@ impl Launcher {
     }
 }
 
+/// Where a shell's `-c` script is among its arguments: right after the first option cluster
+/// with a `c` (`-c`, `-ec`, `-euxc`).
+fn script_index(args: &[String]) -> Option<usize> {
+    let flag = args.iter().position(|arg| {
+        arg.len() > 1 && arg.starts_with('-') && !arg.starts_with("--") && arg.contains('c')
+    })?;
+    (flag + 1 < args.len()).then_some(flag + 1)
+}
+
+/// A termination message as a real kubelet makes it: the termination log's content if any;
+/// else, given `fallback` (the container's log and where the run's output starts in it), the
+/// tail of that output.
+fn termination_message(termination_log: &Path, fallback: Option<(&Path, u64)>) -> String {
+    match read_tail(termination_log, 0, MAX_MESSAGE_BYTES) {
+        Ok(message) if !message.is_empty() => return message,
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return format!(
+                "Error on reading termination log {}: {e}",
+                termination_log.display()
+            )
+        }
+    }
+    let Some((log, from)) = fallback else {
+        return String::new();
+    };
+    // The last 80 lines' last 2 KiB lie within the output's last 2 KiB.
+    match read_tail(log, from, MAX_LOG_BYTES) {
+        Ok(output) => last_lines(&output, MAX_LOG_LINES).to_string(),
+        Err(e) => format!("Error on reading termination message from logs: {e}"),
+    }
+}
+
+/// Up to `max` bytes from the end of the file at `path`, none before offset `from`, as text.
+fn read_tail(path: &Path, from: u64, max: u64) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let start = file.metadata()?.len().saturating_sub(max).max(from);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The last `lines` lines of `text` (a final newline ends the last line, it starts none).
+fn last_lines(text: &str, lines: usize) -> &str {
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    let start = body
+        .match_indices('\n')
+        .rev()
+        .nth(lines.saturating_sub(1))
+        .map_or(0, |(i, _)| i + 1);
+    &text[start..]
+}
+
 /// The pod's pgbouncer.ini made to run here: it listens on the pod IP, its unix socket is in
 /// the container's directory, it logs to stderr, and the files it names are found through the
 /// container's mounts.
@@ -688,6 +809,52 @@ mod tests {
         ];
         assert_eq!(expand("$(A)-$(B)", &vars), "1-x y");
         assert_eq!(expand("$$(A) $(C) $5", &vars), "$(A) $(C) $5");
+    }
+
+    #[test]
+    fn termination_messages_follow_the_kubelets_rules_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, log) = (dir.path().join("termination-log"), dir.path().join("c.log"));
+        let run: String = (1..=100).map(|n| format!("line {n}\n")).collect();
+        fs::write(&log, format!("an earlier run\n{run}")).unwrap();
+        let from = "an earlier run\n".len() as u64;
+
+        // No file, or an empty one: nothing, or the run's last 80 lines with the fallback.
+        assert_eq!(termination_message(&file, None), "");
+        let tail = termination_message(&file, Some((&log, from)));
+        assert!(
+            tail.starts_with("line 21\nline 22\n") && tail.ends_with("line 100\n"),
+            "{tail}"
+        );
+        fs::write(&file, "").unwrap();
+        assert_eq!(termination_message(&file, Some((&log, from))), tail);
+        // Only this run's output, and at most its last 2 KiB.
+        fs::write(&log, "an earlier run\nfailed\n").unwrap();
+        assert_eq!(termination_message(&file, Some((&log, from))), "failed\n");
+        let long = "x".repeat(3000);
+        fs::write(&log, format!("{long}\nend")).unwrap();
+        let tail = termination_message(&file, Some((&log, 0)));
+        assert_eq!(tail.len(), 2048);
+        assert!(tail.ends_with("x\nend"), "{tail}");
+        // The file wins, fallback or not; at most its last 4 KiB.
+        fs::write(&file, "done: 42 rows\n").unwrap();
+        assert_eq!(
+            termination_message(&file, Some((&log, 0))),
+            "done: 42 rows\n"
+        );
+        fs::write(&file, format!("{}{}", "a".repeat(10), "b".repeat(4096))).unwrap();
+        assert_eq!(termination_message(&file, None), "b".repeat(4096));
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+        assert_eq!(last_lines("a\n", 5), "a\n");
+    }
+
+    #[test]
+    fn finds_the_shell_script() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(script_index(&args(&["-c", "echo", "sh"])), Some(1));
+        assert_eq!(script_index(&args(&["-eu", "-xc", "echo"])), Some(2));
+        assert_eq!(script_index(&args(&["script.sh", "--config"])), None);
+        assert_eq!(script_index(&args(&["-c"])), None);
     }
 
     #[test]

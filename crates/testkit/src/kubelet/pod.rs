@@ -377,6 +377,7 @@ async fn run_once(
         started: Some(started),
         finished: Timestamp::now(),
     };
+    let log_from = launcher.log_position();
     // Stopping during the image's initialisation (initdb) kills it: dropping the future drops
     // the helper process, which kills its group.
     let process = tokio::select! {
@@ -420,7 +421,8 @@ async fn run_once(
     // Whatever the main process left behind in its group goes with it.
     process.kill_group();
     let reason = if exit.success() { "Completed" } else { "Error" };
-    ended(exit.code(), reason, String::new())
+    let message = launcher.termination_message(exit.code(), log_from);
+    ended(exit.code(), reason, message)
 }
 
 /// Runs the container's startup, readiness and liveness probes, keeping `started` and `ready`

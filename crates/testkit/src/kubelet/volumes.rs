@@ -443,6 +443,18 @@ impl Mounts {
         Ok(Mounts { mounts, rootfs })
     }
 
+    /// Mounts one file at `path` — the termination log, which a real kubelet bind-mounts there —
+    /// keeping it where [`Mounts::host_path`] puts `path` (in a volume or the container's own
+    /// directory), so that arguments and scripts naming it reach it too. Returns its path here.
+    pub(crate) fn mount_file(&mut self, path: &str) -> PathBuf {
+        let host = self.host_path(path);
+        self.mounts
+            .push((path.trim_end_matches('/').to_string(), host.clone()));
+        self.mounts
+            .sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        host
+    }
+
     /// The path here of a container path inside one of its volume mounts.
     pub(crate) fn translate(&self, path: &str) -> Option<PathBuf> {
         self.mounts.iter().find_map(|(mount, host)| {
@@ -477,6 +489,43 @@ impl Mounts {
             }
         }
         arg.to_string()
+    }
+
+    /// A shell script (`sh -c`) with the mounted paths it names rewritten to the paths here
+    /// (`echo done > /dev/termination-log`, `cat /etc/app/app.conf`). A mount path counts only
+    /// as a whole word: at the start or after a blank, quote, `=`, `:`, redirection or
+    /// operator, and followed by the end, `/`, a blank, a quote or an operator.
+    pub(crate) fn translate_script(&self, script: &str) -> String {
+        let starts_word = |c: char| c.is_whitespace() || "'\"`=:<>|;&(".contains(c);
+        let ends_word = |c: char| c.is_whitespace() || "/'\"`:<>|;&)".contains(c);
+        let mut out = String::with_capacity(script.len());
+        let mut previous: Option<char> = None;
+        let mut rest = script;
+        while let Some(c) = rest.chars().next() {
+            if c == '/' && previous.is_none_or(starts_word) {
+                let mounted = self.mounts.iter().find_map(|(mount, host)| {
+                    // A mount of "/" would match every path: leave scripts alone then.
+                    let after = rest
+                        .strip_prefix(mount.as_str())
+                        .filter(|_| !mount.is_empty())?;
+                    after
+                        .chars()
+                        .next()
+                        .is_none_or(ends_word)
+                        .then_some((mount, host))
+                });
+                if let Some((mount, host)) = mounted {
+                    out.push_str(&host.display().to_string());
+                    rest = &rest[mount.len()..];
+                    previous = mount.chars().next_back();
+                    continue;
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            previous = Some(c);
+        }
+        out
     }
 }
 
@@ -516,6 +565,34 @@ mod tests {
             "config_file=/v/pvc-1/pg.conf"
         );
         assert_eq!(mounts.translate_arg("-c"), "-c");
+        assert_eq!(
+            mounts.translate_script(
+                "cat /etc/pgbouncer/pgbouncer.ini>/var/lib/postgresql/x; ls /var/lib/postgresqlx \"/var/lib/postgresql\""
+            ),
+            "cat /p/1/volumes/conf/pgbouncer.ini>/v/pvc-1/x; ls /var/lib/postgresqlx \"/v/pvc-1\""
+        );
+        assert_eq!(
+            mounts.translate_script("echo a/var/lib/postgresql"),
+            "echo a/var/lib/postgresql"
+        );
+        // The termination log, outside every mount, is kept in the container's own directory.
+        let mut with_log = mounts.clone();
+        let log = with_log.mount_file("/dev/termination-log");
+        assert_eq!(log, PathBuf::from("/p/1/rootfs/dev/termination-log"));
+        assert_eq!(
+            with_log.translate_arg("/dev/termination-log"),
+            log.display().to_string()
+        );
+        assert_eq!(
+            with_log.translate_script("echo done >/dev/termination-log"),
+            "echo done >/p/1/rootfs/dev/termination-log"
+        );
+        assert_eq!(
+            mounts
+                .clone()
+                .mount_file("/var/lib/postgresql/termination-log"),
+            PathBuf::from("/v/pvc-1/termination-log")
+        );
         assert!(Mounts::new(
             &serde_json::from_value(
                 json!({"name": "c", "volumeMounts": [{"name": "x", "mountPath": "/x"}]})

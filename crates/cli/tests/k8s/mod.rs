@@ -1,0 +1,437 @@
+//! The operator's end-to-end fixture: a real control plane and process kubelet (pgshift-testkit),
+//! a source PostgreSQL StatefulSet with its Service, the CRD, and `pgshift operator` as a real
+//! process (so that tests can kill it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Client;
+use pgshift_operator::crd::{Phase, PostgresUpgrade};
+use pgshift_testkit::KubeCluster;
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+#[path = "../../../operator/tests/support/chart.rs"]
+mod chart;
+
+pub const NS: &str = "default";
+/// Where the chart's release (its ServiceAccount and the leader Lease) lives.
+pub const OPERATOR_NS: &str = "pgshift-system";
+pub const APP_USER: &str = "app";
+pub const APP_DB: &str = "app";
+
+pub struct Fixture {
+    pub cluster: KubeCluster,
+    /// The chart's ServiceAccount, which the operator acts as (impersonation): RBAC the
+    /// chart lacks fails the tests.
+    operator_user: String,
+    pub client: Client,
+    pub superuser_password: String,
+    pub app_password: String,
+    operators: Vec<Child>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for child in &mut self.operators {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgshift_testkit=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn token() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+}
+
+/// Polls `check` every 250 ms until it returns `Some`, failing after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+impl Fixture {
+    /// A cluster with the CRD installed and a `postgres:<major>` source (`db`) holding the
+    /// ledger in database `app`, owned by role `app`.
+    pub async fn start(source_major: u32, source_args: &[&str]) -> Fixture {
+        init_tracing();
+        let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let client = cluster.client();
+        let operator_user = chart::install_rbac(client.clone(), OPERATOR_NS).await;
+        let fixture = Fixture {
+            cluster,
+            operator_user,
+            client,
+            superuser_password: token(),
+            app_password: token(),
+            operators: Vec::new(),
+        };
+        fixture.install_crd().await;
+        fixture.start_source(source_major, source_args).await;
+        fixture
+    }
+
+    async fn install_crd(&self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let yaml = std::fs::read_to_string(
+            repo_root().join("deploy/crds/postgresupgrades.pgshift.io.yaml"),
+        )
+        .expect("deploy/crds holds the CRD");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+        eventually("the CRD to be established", Duration::from_secs(30), || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get("postgresupgrades.pgshift.io").await.ok()?;
+                crd.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
+    async fn start_source(&self, major: u32, extra_args: &[&str]) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "db-superuser"},
+                    "stringData": {"username": "postgres", "password": self.superuser_password},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut args = vec!["-c", "wal_level=logical"];
+        args.extend_from_slice(extra_args);
+        let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+            Api::namespaced(self.client.clone(), NS);
+        sets.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "db"},
+                "spec": {
+                    "serviceName": "db",
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": "db"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "db"}},
+                        "spec": {"containers": [{
+                            "name": "postgres",
+                            "image": format!("postgres:{major}"),
+                            "args": args,
+                            "env": [
+                                {"name": "POSTGRES_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db-superuser", "key": "password"}}},
+                                {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+                            ],
+                            "ports": [{"name": "postgres", "containerPort": 5432}],
+                            "readinessProbe": {"exec": {"command": ["pg_isready", "-q"]}, "periodSeconds": 1},
+                            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+                        }]},
+                    },
+                    "volumeClaimTemplates": [{
+                        "metadata": {"name": "data"},
+                        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                    }],
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        let services: Api<Service> = Api::namespaced(self.client.clone(), NS);
+        services
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "db"},
+                    "spec": {"selector": {"app": "db"}, "ports": [{"port": 5432, "targetPort": 5432}]},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let superuser = eventually(
+            "the source to accept connections",
+            Duration::from_secs(90),
+            || async {
+                self.connect("postgres", &self.superuser_password.clone(), "postgres")
+                    .await
+            },
+        )
+        .await;
+        superuser
+            .batch_execute(&format!(
+                "CREATE ROLE {APP_USER} LOGIN PASSWORD '{}'",
+                self.app_password
+            ))
+            .await
+            .unwrap();
+        superuser
+            .batch_execute(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))
+            .await
+            .unwrap();
+        let app = self
+            .connect(APP_USER, &self.app_password, APP_DB)
+            .await
+            .unwrap();
+        pgshift_lab::ledger::Ledger::install(&app, 100)
+            .await
+            .unwrap();
+    }
+
+    /// The `db` Service's address.
+    pub async fn service_ip(&self, name: &str) -> String {
+        let services: Api<Service> = Api::namespaced(self.client.clone(), NS);
+        services
+            .get(name)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .unwrap()
+    }
+
+    /// A connection through the `db` Service (the one clients use).
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        db: &str,
+    ) -> Option<tokio_postgres::Client> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.service_ip("db").await)
+            .port(5432)
+            .user(user)
+            .password(password)
+            .dbname(db)
+            .connect_timeout(Duration::from_secs(3));
+        let (client, connection) = config.connect(NoTls).await.ok()?;
+        tokio::spawn(connection);
+        Some(client)
+    }
+
+    /// Ledger clients through the `db` Service, recycling their connections every second as
+    /// an application pool with a maximum lifetime does.
+    pub async fn ledger(&self, clients: usize) -> pgshift_lab::ledger::LedgerHandle {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(self.service_ip("db").await)
+            .port(5432)
+            .user(APP_USER)
+            .password(self.app_password.clone())
+            .dbname(APP_DB);
+        let mut options = pgshift_lab::ledger::LoadOptions::new(clients);
+        options.rate = Some(200.0);
+        options.max_connection_lifetime = Some(Duration::from_secs(1));
+        pgshift_lab::ledger::Ledger::run(pgshift_lab::ledger::LedgerTarget::new(config), options)
+    }
+
+    /// A kubeconfig that acts as the chart's ServiceAccount.
+    fn operator_kubeconfig(&self) -> PathBuf {
+        let path = self.cluster.work_dir().join("operator.kubeconfig");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.cluster.kubeconfig()).unwrap())
+                .unwrap();
+        config["users"][0]["user"]["as"] = json!(self.operator_user);
+        std::fs::write(&path, config.to_string()).unwrap();
+        path
+    }
+
+    /// Kills (SIGKILL) the operator started `index`-th, as a crash would.
+    pub fn kill_operator(&mut self, index: usize) {
+        let child = &mut self.operators[index];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// A superuser session on the source pod itself (not through any Service).
+    pub async fn source_direct(&self, db: &str) -> tokio_postgres::Client {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
+        let ip = pods
+            .get("db-0")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .pod_ip
+            .unwrap();
+        let (client, connection) = tokio_postgres::Config::new()
+            .host(&ip)
+            .port(5432)
+            .user("postgres")
+            .password(self.superuser_password.clone())
+            .dbname(db)
+            .connect(NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// What an upgrade may touch on the source, as text: slots, publications, schemas and
+    /// tables of `app`, database and role settings, roles with their password hashes.
+    pub async fn source_state(&self) -> Vec<String> {
+        let server = self.source_direct("postgres").await;
+        let app = self.source_direct(APP_DB).await;
+        let mut state = Vec::new();
+        for (client, query) in [
+            (&server, "SELECT 'slot ' || slot_name FROM pg_replication_slots"),
+            (&server, "SELECT 'setting ' || coalesce(setdatabase::text, '') || ' ' || setrole::text || ' ' || array_to_string(setconfig, ',') FROM pg_db_role_setting"),
+            (&server, "SELECT 'role ' || rolname || ' ' || coalesce(rolpassword, '') FROM pg_authid WHERE rolname !~ '^pg_'"),
+            (&server, "SELECT 'database ' || datname || ' ' || datallowconn FROM pg_database"),
+            (&app, "SELECT 'publication ' || pubname FROM pg_publication"),
+            (&app, "SELECT 'schema ' || nspname FROM pg_namespace"),
+            (&app, "SELECT 'relation ' || oid::regclass::text FROM pg_class WHERE relnamespace <> 'pg_catalog'::regnamespace AND relnamespace <> 'information_schema'::regnamespace AND relname !~ '^pg_toast'"),
+        ] {
+            for row in client.query(query, &[]).await.unwrap() {
+                state.push(row.get::<_, String>(0));
+            }
+        }
+        state.sort();
+        state
+    }
+
+    /// Starts `pgshift operator` as a process acting as the chart's ServiceAccount.
+    pub fn start_operator(&mut self, identity: &str) {
+        let log = std::fs::File::create(
+            self.cluster
+                .work_dir()
+                .join(format!("operator-{identity}-{}.log", self.operators.len())),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .args([
+                "operator",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-name",
+                "pgshift-operator",
+            ])
+            .env("KUBECONFIG", self.operator_kubeconfig())
+            .env("POD_NAMESPACE", OPERATOR_NS)
+            .env("POD_NAME", identity)
+            .env("PGSHIFT_LEASE_SECONDS", "3")
+            .env("RUST_LOG", "pgshift_operator=debug,pgshift_engine=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("pgshift operator starts");
+        self.operators.push(child);
+    }
+
+    pub fn operator_logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.cluster.work_dir())
+            .unwrap()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("operator-") {
+                all.push_str(&format!("==> {name}\n"));
+                all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    pub fn upgrades(&self) -> Api<PostgresUpgrade> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    pub async fn apply_upgrade(&self, name: &str, spec: serde_json::Value) {
+        let object = json!({
+            "apiVersion": "pgshift.io/v1alpha1", "kind": "PostgresUpgrade",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": spec,
+        });
+        self.upgrades()
+            .patch(
+                name,
+                &PatchParams::apply("pgshift-tests"),
+                &Patch::Apply(&object),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits for `phase`, returning every phase seen on the way; panics with the status and
+    /// the operator's log when it does not come.
+    pub async fn wait_for_phase(&self, name: &str, phase: Phase, timeout: Duration) -> Vec<Phase> {
+        let deadline = Instant::now() + timeout;
+        let mut seen: Vec<Phase> = Vec::new();
+        loop {
+            let upgrade = self.upgrades().get(name).await.unwrap();
+            let current = upgrade.status.as_ref().and_then(|s| s.phase);
+            if let Some(current) = current {
+                if seen.last() != Some(&current) {
+                    eprintln!("{name}: {current:?}");
+                    seen.push(current);
+                }
+                if current == phase {
+                    return seen;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name} did not reach {phase:?}; seen {seen:?}; status:\n{}\n--- operator log (tail):\n{}",
+                    serde_json::to_string_pretty(&upgrade.status).unwrap(),
+                    tail(&self.operator_logs(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The printer columns, as `kubectl get pgu` shows them (the API server's Table).
+    pub async fn table(&self) -> serde_json::Value {
+        let request = http::Request::get(format!(
+            "/apis/pgshift.io/v1alpha1/namespaces/{NS}/postgresupgrades"
+        ))
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .unwrap();
+        self.client.request(request).await.unwrap()
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}

@@ -1,0 +1,577 @@
+//! The operator end to end, on a real control plane with a process kubelet (pgshift-testkit):
+//! a PostgresUpgrade moves a live `postgres:15` StatefulSet to `postgres:18` while ledger
+//! clients write through the Service they always use.
+
+mod k8s;
+
+use std::time::Duration;
+
+use k8s::{Fixture, APP_DB, APP_USER};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, ListParams};
+use pgshift_operator::crd::Phase;
+use serde_json::json;
+
+fn spec(mode: &str) -> serde_json::Value {
+    json!({
+        "source": {"service": {"name": "db"}, "databases": [APP_DB], "credentialsSecret": "db-superuser",
+                   "workload": {"kind": "StatefulSet", "name": "db"}},
+        "target": {"image": "postgres:18", "storage": {"size": "1Gi"}},
+        "traffic": {"service": "db", "mode": mode, "pgbouncer": {"image": "pgbouncer/pgbouncer:1.24", "replicas": 2}},
+        "cutover": {"mode": "Automatic", "maxPause": "2s"},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let ledger = fx.ledger(4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    let phases = fx
+        .wait_for_phase("orders", Phase::Completed, Duration::from_secs(240))
+        .await;
+    // Writes go on after the switch, against the new server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+
+    let app = fx
+        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
+        .await
+        .expect("the clients' Service answers");
+    let version: i32 = app
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version / 10000, 18, "the clients' Service reaches 18");
+    let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
+        .await
+        .unwrap();
+    eprintln!("verification: {verification:?}");
+    assert!(report.committed > 100, "the load ran: {report:?}");
+    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
+    assert_eq!(report.in_doubt, 0, "in-doubt transactions");
+    assert_eq!(verification.lost, 0, "acknowledged commits lost");
+    assert!(verification.is_ok(), "{verification:?}");
+
+    for phase in [Phase::Provisioning, Phase::CuttingOver, Phase::Completed] {
+        assert!(phases.contains(&phase), "{phase:?} in {phases:?}");
+    }
+    let upgrade = fx.upgrades().get("orders").await.unwrap();
+    let status = upgrade.status.unwrap();
+    assert!(status.source_version.as_deref().unwrap().starts_with("15."));
+    assert!(status.target_version.as_deref().unwrap().starts_with("18."));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Completed")
+    );
+    let cutover = status.cutover.expect("the cutover is reported");
+    assert!(cutover.pause_ms.unwrap() > 0.0 && cutover.attempts >= 1);
+    let db = &status.databases[0];
+    assert_eq!((db.name.as_str(), db.step.as_str()), (APP_DB, "Switched"));
+    assert!(
+        db.tables_total >= 3 && db.tables_ready == db.tables_total,
+        "{db:?}"
+    );
+    assert_eq!(
+        status.tables.as_deref(),
+        Some(format!("{0}/{0}", db.tables_total).as_str())
+    );
+
+    let table = fx.table().await;
+    eprintln!("kubectl get pgu:\n{}", render_table(&table));
+    let row = &table["rows"][0]["cells"];
+    assert_eq!(row[1], "Completed");
+    assert!(row[2].as_str().unwrap().starts_with("15."));
+    assert!(row[3].as_str().unwrap().starts_with("18."));
+    assert_eq!(row[6], json!(cutover.pause.unwrap()));
+
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.kind=PostgresUpgrade"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    eprintln!("events: {reasons:?}");
+    for reason in [
+        "Provisioning",
+        "ClientsRouted",
+        "SchemaCopyStarted",
+        "CutoverCompleted",
+        "Completed",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "event {reason} in {reasons:?}"
+        );
+    }
+}
+
+/// `kubectl get`'s layout of a Table.
+fn render_table(table: &serde_json::Value) -> String {
+    let names: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_uppercase())
+        .collect();
+    let rows: Vec<Vec<String>> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r["cells"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| c.to_string())
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..names.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([names[i].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_string()
+    };
+    std::iter::once(line(&names))
+        .chain(rows.iter().map(|r| line(r)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Invalid specs are refused by the API server with a message that says what to fix; a source
+/// without `wal_level=logical` and with a keyless table is Blocked, with each fix named, and
+/// nothing changed on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_specs_are_refused_and_a_blocked_source_is_left_untouched() {
+    let mut fx = Fixture::start(15, &["-c", "wal_level=replica"]).await;
+    let refusals = [
+        (
+            json!({"host": "db.example", "service": {"name": "db"}}),
+            "source",
+            "set exactly one of spec.source.host and spec.source.service",
+        ),
+        (
+            json!("5m"),
+            "maxPause",
+            "maxPause is a duration between 10ms and 60s",
+        ),
+        (
+            json!("big"),
+            "size",
+            "storage.size is a quantity such as 10Gi or 500Mi",
+        ),
+        (json!("Magic"), "mode", "Unsupported value: \"Magic\""),
+    ];
+    for (value, field, message) in refusals {
+        let mut bad = spec("PgBouncer");
+        match field {
+            "source" => {
+                value
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .for_each(|(k, v)| bad["source"][k] = v.clone());
+            }
+            "maxPause" => bad["cutover"]["maxPause"] = value,
+            "size" => bad["target"]["storage"]["size"] = value,
+            _ => bad["traffic"]["mode"] = value,
+        }
+        let object: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "pgshift.io/v1alpha1", "kind": "PostgresUpgrade",
+            "metadata": {"name": "bad"}, "spec": bad,
+        }))
+        .unwrap();
+        let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+            fx.client.clone(),
+            k8s::NS,
+            &kube::core::ApiResource::erase::<pgshift_operator::crd::PostgresUpgrade>(&()),
+        );
+        let error = raw
+            .create(&kube::api::PostParams::default(), &object)
+            .await
+            .expect_err("the API server refuses it");
+        eprintln!("{field}: {error}");
+        assert!(error.to_string().contains(message), "{field}: {error}");
+    }
+
+    let app = fx.source_direct(APP_DB).await;
+    app.batch_execute("CREATE TABLE keyless (note text)")
+        .await
+        .unwrap();
+    let before = fx.source_state().await;
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let service_before = services.get("db").await.unwrap().spec;
+    fx.start_operator("operator-a");
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Blocked, Duration::from_secs(120))
+        .await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    let blocked = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Blocked")
+        .unwrap();
+    eprintln!("Blocked: {}", blocked.message);
+    assert_eq!(blocked.status, "True");
+    assert!(blocked.message.contains("wal_level") && blocked.message.contains("logical"));
+    assert!(blocked.message.contains("keyless"), "{}", blocked.message);
+    let codes: Vec<&str> = status.blockers.iter().map(|b| b.code.as_str()).collect();
+    assert!(codes.contains(&"wal_level"), "{codes:?}");
+    assert!(status.blockers.iter().all(|b| !b.fix.is_empty()));
+    // Still blocked a while later, and nothing changed on the source or its Service.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        fx.upgrades()
+            .get("orders")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase,
+        Some(Phase::Blocked)
+    );
+    assert_eq!(fx.source_state().await, before);
+    assert_eq!(services.get("db").await.unwrap().spec, service_before);
+}
+
+/// `Service` mode with a manual cutover: the upgrade waits at ReadyForCutover (clients stay on
+/// 15) until approved, then flips the Service. Clients see errors only from the sessions the
+/// fence ended, which status counts; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_mode_waits_for_approval_then_moves_clients_with_counted_errors() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let ledger = fx.ledger(4).await;
+    let mut manual = spec("Service");
+    manual["cutover"]["mode"] = json!("Manual");
+    fx.apply_upgrade("orders", manual.clone()).await;
+    fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let waiting = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert_eq!(
+        waiting.phase,
+        Some(Phase::ReadyForCutover),
+        "it waits for approval"
+    );
+    let progressing = waiting
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(progressing.reason, "AwaitingApproval");
+    assert!(progressing.message.contains("approved: true"));
+    let app = fx
+        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
+        .await
+        .unwrap();
+    let version: i32 = app
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version / 10000, 15, "clients are still on the source");
+
+    manual["cutover"]["approved"] = json!(true);
+    fx.apply_upgrade("orders", manual).await;
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+    let app = fx
+        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
+        .await
+        .unwrap();
+    let version: i32 = app
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version / 10000, 18, "the Service reaches the target");
+    let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
+        .await
+        .unwrap();
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert!(verification.is_ok(), "{verification:?}");
+    let cutover = fx
+        .upgrades()
+        .get("orders")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .cutover
+        .unwrap();
+    eprintln!("cutover: {cutover:?}");
+    let ended = cutover
+        .sessions_ended
+        .expect("Service mode counts the sessions it ended");
+    // Each ended session costs its client at most one transaction; the route stays isolated
+    // (connections refused, not failed transactions) until the target takes over.
+    assert!(
+        report.failed + report.in_doubt <= ended as u64,
+        "client errors {} + {} > sessions ended {ended}: {:?}",
+        report.failed,
+        report.in_doubt,
+        report.errors
+    );
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let service = services.get("db").await.unwrap();
+    assert!(
+        !service
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("pgshift.io/original-service"),
+        "the bookkeeping annotation is gone after completion"
+    );
+}
+
+/// Deleting the resource mid-replication aborts: the source ends exactly as it was (no slot,
+/// no publication, no pgshift schema), the clients' Service is restored, the target is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_the_upgrade_mid_replication_restores_the_source_and_removes_the_target() {
+    let mut fx = Fixture::start(15, &[]).await;
+    let before = fx.source_state().await;
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let service_before = services.get("db").await.unwrap().spec;
+    // Enough rows that the initial copy is still running when the resource is deleted.
+    let app = fx.source_direct(APP_DB).await;
+    app.batch_execute(
+        "CREATE TABLE big (id bigint PRIMARY KEY, payload text);
+         INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 400000) g;",
+    )
+    .await
+    .unwrap();
+    let before_with_big = fx.source_state().await;
+    assert_ne!(before, before_with_big);
+    fx.start_operator("operator-a");
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Replicating, Duration::from_secs(240))
+        .await;
+    let server = fx.source_direct("postgres").await;
+    k8s::eventually(
+        "the initial copy to run",
+        Duration::from_secs(60),
+        || async {
+            let active: i64 = server
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE active",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (active >= 1).then_some(())
+        },
+    )
+    .await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(Phase::Replicating),
+        "deleted during the initial copy"
+    );
+    fx.upgrades()
+        .delete("orders", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    k8s::eventually(
+        "the upgrade to be gone",
+        Duration::from_secs(120),
+        || async {
+            fx.upgrades()
+                .get_opt("orders")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        fx.source_state().await,
+        before_with_big,
+        "the source is as it was"
+    );
+    assert_eq!(
+        services.get("db").await.unwrap().spec,
+        service_before,
+        "the clients' Service is restored"
+    );
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    k8s::eventually(
+        "the target's objects to be collected",
+        Duration::from_secs(60),
+        || async {
+            let gone = sets.get_opt("orders-target").await.unwrap().is_none()
+                && claims
+                    .get_opt("data-orders-target-0")
+                    .await
+                    .unwrap()
+                    .is_none()
+                && deployments
+                    .get_opt("orders-pgbouncer")
+                    .await
+                    .unwrap()
+                    .is_none()
+                && services.get_opt("orders-target").await.unwrap().is_none();
+            gone.then_some(())
+        },
+    )
+    .await;
+}
+
+/// The operator killed (SIGKILL) in each phase, the cutover included, and started again: the
+/// upgrade completes with nothing lost and no client left paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_operator_resumes_in_every_phase() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let ledger = fx.ledger(4).await;
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    let mut kill_at = vec![
+        Phase::Provisioning,
+        Phase::CopyingSchema,
+        Phase::Replicating,
+        Phase::CatchingUp,
+        Phase::CuttingOver,
+    ];
+    let mut killed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let mut operator = 0;
+    loop {
+        let phase = fx
+            .upgrades()
+            .get("orders")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase);
+        if phase == Some(Phase::Completed) {
+            break;
+        }
+        if let Some(position) = kill_at.iter().position(|p| Some(*p) == phase) {
+            fx.kill_operator(operator);
+            killed.push(kill_at.remove(position));
+            eprintln!("killed the operator in {:?}", killed.last().unwrap());
+            fx.start_operator("operator-a");
+            operator += 1;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not completed; killed in {killed:?}\n{}",
+            k8s::tail(&fx.operator_logs(), 60)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("killed in {killed:?}");
+    assert!(
+        killed.len() >= 3,
+        "killed in at least three phases: {killed:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_stop = ledger.snapshot().committed;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        ledger.snapshot().committed > before_stop,
+        "clients commit after completion: nobody is paused"
+    );
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+    let app = fx
+        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
+        .await
+        .unwrap();
+    let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
+        .await
+        .unwrap();
+    assert_eq!(report.failed, 0, "{:?}", report.errors);
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert!(verification.is_ok(), "{verification:?}");
+}
+
+/// Two operator replicas: only the lease holder acts (every event comes from it); killing it
+/// hands the upgrade over to the other, which completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_act_one_at_a_time_and_hand_over() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.start_operator("operator-b");
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Replicating, Duration::from_secs(240))
+        .await;
+    let reporters = event_reporters(&fx).await;
+    assert_eq!(reporters, ["operator-a"], "only the holder acted");
+    fx.kill_operator(0);
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(240))
+        .await;
+    let reporters = event_reporters(&fx).await;
+    assert_eq!(
+        reporters,
+        ["operator-a", "operator-b"],
+        "the standby took over"
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(fx.client.clone(), k8s::OPERATOR_NS);
+    let lease = leases.get("pgshift-operator").await.unwrap().spec.unwrap();
+    assert_eq!(lease.holder_identity.as_deref(), Some("operator-b"));
+}
+
+/// The replicas that published events about the upgrade, sorted.
+async fn event_reporters(fx: &Fixture) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let mut reporters: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("PostgresUpgrade"))
+        .filter_map(|e| e.reporting_instance)
+        .collect();
+    reporters.sort();
+    reporters.dedup();
+    reporters
+}

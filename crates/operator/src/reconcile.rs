@@ -1,0 +1,740 @@
+//! One reconcile of a `PostgresUpgrade`: dereference → validate → build → apply → one engine
+//! step → update status. Nothing is remembered between reconciles: every decision comes from
+//! what the cluster and the two servers show now, so a restarted operator carries on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalize};
+use kube::{Api, Client, Resource, ResourceExt};
+use pgshift_engine::observe::{Action as Step, Database};
+use pgshift_engine::{Endpoint, Error as EngineError, Plan, Routed, Side, Traffic, Upgrade};
+use serde_json::json;
+
+use crate::build;
+use crate::cluster::{self, create_if_absent, secret_value};
+use crate::crd::{CutoverMode, CutoverStatus, Finding, Phase, PostgresUpgrade, TrafficMode};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::names::{role, FINALIZER, ORIGINAL_ANNOTATION, POSTGRES_PORT, TARGET_SUPERUSER};
+use crate::router::{restore_clients, route_clients, ServiceRouter};
+use crate::status::Report;
+use crate::validate::{validate, Validated};
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+}
+
+const SOON: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_secs(2);
+const SLOW: Duration = Duration::from_secs(30);
+/// A cutover starts only when the target is this close (the engine then proves it with a
+/// probe row before pausing anyone).
+const MAX_LAG_BYTES: i64 = 8 * 1024 * 1024;
+
+pub async fn reconcile(upgrade: Arc<PostgresUpgrade>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.start_reconcile();
+    let namespace = upgrade.namespace().unwrap_or_default();
+    let api: Api<PostgresUpgrade> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, upgrade, |event| async {
+        match event {
+            Finalize::Apply(upgrade) => drive(&upgrade, &ctx).await,
+            Finalize::Cleanup(upgrade) => abort(&upgrade, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Requeue after an error: the status and an event say what happened.
+pub fn error_policy(upgrade: Arc<PostgresUpgrade>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(upgrade = %upgrade.name_any(), kind = error.kind(), "{error}");
+    ctx.metrics.inc_error(
+        &upgrade.namespace().unwrap_or_default(),
+        &upgrade.name_any(),
+        error.kind(),
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs one step and records the outcome in status and events, errors included.
+async fn drive(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
+    let mut report = Report::from(upgrade);
+    if report.status.phase == Some(Phase::Completed) {
+        return Ok(Action::await_change());
+    }
+    let outcome = step(upgrade, ctx, &mut report).await;
+    let action = match outcome {
+        Ok(next) => next,
+        Err(error) => {
+            tracing::warn!(upgrade = %report.name, kind = error.kind(), "{error}");
+            ctx.metrics
+                .inc_error(&report.namespace, &report.name, error.kind());
+            report.failed(error.kind(), &error.to_string());
+            Action::requeue(match error {
+                Error::SchemaCopyFailed { .. } => SLOW,
+                _ => Duration::from_secs(5),
+            })
+        }
+    };
+    publish(upgrade, ctx, &report).await?;
+    Ok(action)
+}
+
+async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> Result<Action> {
+    let inputs = cluster::dereference(&ctx.client, upgrade).await?;
+    let mut v = match validate(upgrade, &inputs) {
+        Ok(v) => v,
+        Err(problems) => {
+            report.invalid(&problems);
+            return Ok(Action::requeue(SLOW));
+        }
+    };
+    reach_source(&mut v, ctx).await?;
+    let target_password = provision_target(&mut v, ctx).await?;
+    let Some(target_password) = target_password else {
+        report.phase(
+            Phase::Provisioning,
+            "TargetStarting",
+            &format!(
+                "waiting for the target StatefulSet {} to be ready",
+                v.names.target()
+            ),
+        );
+        return Ok(Action::requeue(POLL));
+    };
+    let target_endpoint = target_endpoint(&v, &target_password);
+    let mut up = connect(&v, ctx, target_endpoint.clone()).await?;
+    up.recover().await?;
+
+    let preflight = up.preflight().await?;
+    report.status.source_version = Some(preflight.source_version.clone());
+    report.status.target_version = Some(preflight.target_version.clone());
+    report.status.warnings = findings(&preflight.warnings);
+    report.status.blockers = findings(&preflight.blockers);
+    if !preflight.ready() {
+        report.blocked();
+        return Ok(Action::requeue(SLOW));
+    }
+
+    let steps = up.next_steps().await?;
+    report.databases(&steps);
+    let switched = steps.iter().any(|(_, s)| *s == Step::Switched);
+    if v.upgrade.spec.traffic.mode == TrafficMode::PgBouncer && !switched {
+        if !provision_pgbouncer(&v, ctx, report).await? {
+            return Ok(Action::requeue(POLL));
+        }
+        // The poolers are in place: the engine must pause them at the cutover.
+        up = connect(&v, ctx, target_endpoint).await?;
+    }
+
+    if steps.iter().all(|(_, s)| *s == Step::Switched) {
+        complete(&v, ctx, &mut up, report).await?;
+        return Ok(Action::await_change());
+    }
+    if let Some((db, why)) = steps.iter().find_map(|(db, s)| match s {
+        Step::Broken(why) => Some((db, why)),
+        _ => None,
+    }) {
+        return Err(EngineError::State(format!("database {}: {why}", db.name)).into());
+    }
+    if let Some((db, action)) = steps.iter().find(|(_, s)| is_work(s)) {
+        if *action == Step::CopySchema {
+            return copy_schema(&v, ctx, &mut up, db, report).await;
+        }
+        let phase = match action {
+            Step::CreateDatabase => Phase::CopyingSchema,
+            Step::Analyze => Phase::CatchingUp,
+            _ => Phase::Replicating,
+        };
+        report.phase(
+            phase,
+            "Progressing",
+            &format!("database {}: {action:?}", db.name),
+        );
+        up.advance().await?;
+        return Ok(Action::requeue(SOON));
+    }
+    if steps.iter().any(|(_, s)| *s == Step::WaitForCopy) {
+        report.phase(Phase::Replicating, "InitialCopy", "copying tables");
+        return Ok(Action::requeue(POLL));
+    }
+    // Every database is in sync.
+    if report.status.lag_bytes.unwrap_or(0) > MAX_LAG_BYTES {
+        report.phase(Phase::CatchingUp, "CatchingUp", "the target is catching up");
+        return Ok(Action::requeue(POLL));
+    }
+    let cutover = &v.upgrade.spec.cutover;
+    if cutover.mode == CutoverMode::Manual && !cutover.approved {
+        report.ready_for_cutover();
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    cut_over(upgrade, ctx, &mut up, report).await
+}
+
+fn is_work(step: &Step) -> bool {
+    !matches!(
+        step,
+        Step::WaitForCopy | Step::Synced | Step::Switched | Step::Broken(_)
+    )
+}
+
+fn findings(list: &[pgshift_engine::preflight::Finding]) -> Vec<Finding> {
+    list.iter()
+        .map(|f| Finding {
+            code: f.code.to_string(),
+            object: f.object.clone(),
+            problem: f.problem.clone(),
+            fix: f.fix.clone(),
+        })
+        .collect()
+}
+
+/// With a source Service, pgshift reaches the source through a Service of its own with the
+/// same selector: the one the spec names may be the clients', which pgshift moves.
+async fn reach_source(v: &mut Validated, ctx: &Context) -> Result<()> {
+    if v.upgrade.spec.source.service.is_none() {
+        return Ok(());
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    let own = create_if_absent(&services, &build::source_service(v)).await?;
+    if let Some(ip) = own.spec.and_then(|s| s.cluster_ip) {
+        v.source.host = ip;
+        v.source.port = POSTGRES_PORT as u16;
+    }
+    Ok(())
+}
+
+/// The target's Secret, Service and StatefulSet. Returns the superuser's password once the
+/// server is ready and its Service has an address.
+async fn provision_target(v: &mut Validated, ctx: &Context) -> Result<Option<String>> {
+    let ns = &v.namespace;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = create_if_absent(&secrets, &build::target_secret(v, &random_password())).await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let service = cluster::apply(&services, &build::target_service(v)).await?;
+    v.target_host = service.spec.and_then(|s| s.cluster_ip);
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let set = cluster::apply(&sets, &build::target_statefulset(v)).await?;
+    let ready = set.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1;
+    Ok(match (ready, &v.target_host) {
+        (true, Some(_)) => secret_value(&secret, "password"),
+        _ => None,
+    })
+}
+
+fn random_password() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
+}
+
+fn up_source(v: &Validated) -> Endpoint {
+    Endpoint::new(
+        Side::Source,
+        &v.source.host,
+        v.source.port,
+        &v.source.user,
+        "postgres",
+        Some(v.source.password.clone()),
+    )
+}
+
+fn target_endpoint(v: &Validated, password: &str) -> Endpoint {
+    Endpoint::new(
+        Side::Target,
+        v.target_host.as_deref().unwrap_or_default(),
+        POSTGRES_PORT as u16,
+        TARGET_SUPERUSER,
+        "postgres",
+        Some(pgshift_engine::Secret::new(password)),
+    )
+}
+
+/// The engine, for this upgrade: the clients' route is a Service (the route Service behind
+/// PgBouncer, or the clients' own in `Service` mode), the poolers are PgBouncer's ready pods.
+async fn connect(v: &Validated, ctx: &Context, target: Endpoint) -> Result<Upgrade> {
+    let spec = &v.upgrade.spec;
+    let source = up_source(v);
+    let (service, poolers) = match spec.traffic.mode {
+        TrafficMode::PgBouncer => (v.names.route(), pooler_consoles(v, ctx).await?),
+        TrafficMode::Service => (spec.traffic.service.clone(), Vec::new()),
+    };
+    let target_major = target_major(&target).await?;
+    let mut probe = target.clone();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    if let Some(ip) = services
+        .get_opt(&service)
+        .await?
+        .and_then(|s| s.spec?.cluster_ip)
+    {
+        probe.host = ip;
+    }
+    let router = ServiceRouter::new(
+        ctx.client.clone(),
+        &v.namespace,
+        &service,
+        v.names.clone(),
+        probe,
+        target_major,
+    );
+    let mut plan = Plan::new(source, target);
+    plan.databases = if spec.source.databases.is_empty() {
+        pgshift_engine::Databases::All
+    } else {
+        pgshift_engine::Databases::Named(spec.source.databases.clone())
+    };
+    plan.traffic = Traffic::Routed(Box::new(Routed {
+        poolers,
+        router: Arc::new(router),
+    }));
+    plan.max_pause = v.max_pause;
+    plan.schema_tools_in_target_image = true;
+    // The operator drives one attempt per reconcile and counts them itself.
+    plan.cutover_attempts = 1;
+    let name = v.names.upgrade.clone();
+    let events: pgshift_engine::EventSink = Arc::new(move |event| {
+        tracing::debug!(upgrade = %name, ?event, "engine");
+    });
+    Ok(Upgrade::connect(plan, events).await?)
+}
+
+async fn target_major(target: &Endpoint) -> Result<i32> {
+    let client = target.connect().await?;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| EngineError::Sql {
+            side: Side::Target,
+            context: "reading the version".into(),
+            message: e.to_string(),
+            code: None,
+        })?
+        .get(0);
+    Ok(version / 10000)
+}
+
+/// The admin consoles of PgBouncer's ready pods.
+async fn pooler_consoles(v: &Validated, ctx: &Context) -> Result<Vec<Endpoint>> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    let Some(password) = secrets
+        .get_opt(&v.names.pgbouncer())
+        .await?
+        .and_then(|s| secret_value(&s, "admin-password"))
+    else {
+        return Ok(Vec::new());
+    };
+    let ips = cluster::ready_pod_ips(
+        &ctx.client,
+        &v.namespace,
+        &v.names.selector(role::PGBOUNCER),
+    )
+    .await?;
+    Ok(ips
+        .into_iter()
+        .map(|ip| {
+            Endpoint::new(
+                Side::Pgbouncer,
+                &ip,
+                POSTGRES_PORT as u16,
+                build::PGBOUNCER_ADMIN,
+                "pgbouncer",
+                Some(pgshift_engine::Secret::new(password.clone())),
+            )
+        })
+        .collect())
+}
+
+/// PgBouncer in front of the source, and the clients' Service pointed at it. True once every
+/// replica is ready and the clients' Service selects them.
+async fn provision_pgbouncer(v: &Validated, ctx: &Context, report: &mut Report) -> Result<bool> {
+    let ns = &v.namespace;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let route = create_if_absent(&services, &build::route_service(v, false)).await?;
+    let route_host = route.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    create_if_absent(
+        &secrets,
+        &build::pgbouncer_secret(v, &random_password(), v.source.password.expose()),
+    )
+    .await?;
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    cluster::apply(&maps, &build::pgbouncer_config(v, &route_host)).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let deployment = cluster::apply(&deployments, &build::pgbouncer_deployment(v)).await?;
+    let wanted = v.upgrade.spec.traffic.pgbouncer.replicas;
+    let ready = deployment
+        .status
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    if ready < wanted {
+        report.phase(
+            Phase::Provisioning,
+            "PgBouncerStarting",
+            &format!("waiting for PgBouncer: {ready} of {wanted} replicas ready"),
+        );
+        return Ok(false);
+    }
+    let client_service = services.get(&v.upgrade.spec.traffic.service).await?;
+    if !client_service
+        .annotations()
+        .contains_key(ORIGINAL_ANNOTATION)
+    {
+        route_clients(&services, &client_service, &v.names, role::PGBOUNCER).await?;
+        report.event(
+            EventType::Normal,
+            "ClientsRouted",
+            &format!(
+                "Service {} now reaches the source through PgBouncer ({wanted} replicas)",
+                v.upgrade.spec.traffic.service
+            ),
+        );
+    }
+    Ok(true)
+}
+
+/// The schema of one database, by a Job that runs the target image's own tools.
+async fn copy_schema(
+    v: &Validated,
+    ctx: &Context,
+    up: &mut Upgrade,
+    db: &Database,
+    report: &mut Report,
+) -> Result<Action> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    let name = v.names.schema_job(db.source_oid);
+    let Some(job) = jobs.get_opt(&name).await? else {
+        up.prepare_schema_copy(&db.name).await?;
+        let epilogue = pgshift_engine::schema::restore_epilogue();
+        cluster::apply(
+            &jobs,
+            &build::schema_job(v, &db.name, db.source_oid, &epilogue),
+        )
+        .await?;
+        report.phase(
+            Phase::CopyingSchema,
+            "SchemaCopyStarted",
+            &format!("Job {name} copies the schema of database {}", db.name),
+        );
+        report.event(
+            EventType::Normal,
+            "SchemaCopyStarted",
+            &format!("Job {name} copies the schema of database {}", db.name),
+        );
+        return Ok(Action::requeue(POLL));
+    };
+    let failed = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
+    if failed {
+        let message = job_failure(ctx, &v.namespace, &name).await?;
+        // The next reconcile starts a new Job (the restore kept nothing).
+        jobs.delete(&name, &kube::api::DeleteParams::background())
+            .await?;
+        return Err(Error::SchemaCopyFailed {
+            job: name,
+            database: db.name.clone(),
+            message,
+        });
+    }
+    report.phase(
+        Phase::CopyingSchema,
+        "SchemaCopying",
+        &format!("Job {name} copies the schema of database {}", db.name),
+    );
+    Ok(Action::requeue(POLL))
+}
+
+/// What the failed Job's last pod said (its termination message: the end of its log).
+async fn job_failure(ctx: &Context, namespace: &str, job: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await?;
+    let message = list
+        .items
+        .iter()
+        .filter_map(|pod| {
+            let state = pod
+                .status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()?
+                .state
+                .as_ref()?;
+            let terminated = state.terminated.as_ref()?;
+            Some(
+                terminated
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {}", terminated.exit_code)),
+            )
+        })
+        .next_back()
+        .unwrap_or_else(|| "its pod left no message".to_string());
+    Ok(message.trim().to_string())
+}
+
+async fn cut_over(
+    upgrade: &PostgresUpgrade,
+    ctx: &Context,
+    up: &mut Upgrade,
+    report: &mut Report,
+) -> Result<Action> {
+    // Watchers see the cutover start before the pause.
+    report.phase(
+        Phase::CuttingOver,
+        "CuttingOver",
+        "fencing writes and switching",
+    );
+    publish(upgrade, ctx, report).await?;
+    ctx.metrics
+        .inc_cutover_attempts(&report.namespace, &report.name);
+    let attempts = report.status.cutover.as_ref().map_or(0, |c| c.attempts) + 1;
+    match up.cutover_now().await {
+        Ok(done) => {
+            ctx.metrics.set_cutover_pause(
+                &report.namespace,
+                &report.name,
+                Duration::from_secs_f64(done.pause_ms / 1e3),
+            );
+            report.status.cutover = Some(CutoverStatus {
+                pause: Some(format!("{:.0}ms", done.pause_ms)),
+                pause_ms: Some(done.pause_ms),
+                attempts,
+                last_abort_reason: None,
+                sessions_ended: Some(done.sessions_ended),
+                sequences_synced: done.sequences_synced as i64,
+            });
+            report.event(
+                EventType::Normal,
+                "CutoverCompleted",
+                &format!(
+                    "writes paused {:.1} ms; {} sequences synced; {} source sessions ended",
+                    done.pause_ms, done.sequences_synced, done.sessions_ended
+                ),
+            );
+            Ok(Action::requeue(SOON))
+        }
+        Err(EngineError::CutoverAborted {
+            step,
+            elapsed,
+            budget,
+        }) => {
+            let reason = format!("{step} took longer than maxPause ({elapsed:?} of {budget:?})");
+            let cutover = report
+                .status
+                .cutover
+                .get_or_insert_with(CutoverStatus::default);
+            cutover.attempts = attempts;
+            cutover.last_abort_reason = Some(reason.clone());
+            report.phase(
+                Phase::CatchingUp,
+                "CutoverAborted",
+                &format!("{reason}; clients carry on with the source, trying again"),
+            );
+            report.event(EventType::Warning, "CutoverAborted", &reason);
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// After the switch: pgshift's replication objects go, and the new server (and PgBouncer)
+/// stop belonging to the upgrade, so that deleting it never deletes them.
+async fn complete(
+    v: &Validated,
+    ctx: &Context,
+    up: &mut Upgrade,
+    report: &mut Report,
+) -> Result<()> {
+    up.cleanup().await?;
+    let ns = &v.namespace;
+    let client = &ctx.client;
+    cluster::release(
+        &Api::<StatefulSet>::namespaced(client.clone(), ns),
+        &v.names.target(),
+    )
+    .await?;
+    cluster::release(
+        &Api::<Service>::namespaced(client.clone(), ns),
+        &v.names.target(),
+    )
+    .await?;
+    cluster::release(
+        &Api::<Secret>::namespaced(client.clone(), ns),
+        &v.names.target_secret(),
+    )
+    .await?;
+    if v.upgrade.spec.traffic.mode == TrafficMode::PgBouncer {
+        let name = v.names.pgbouncer();
+        cluster::release(&Api::<Deployment>::namespaced(client.clone(), ns), &name).await?;
+        cluster::release(&Api::<ConfigMap>::namespaced(client.clone(), ns), &name).await?;
+        cluster::release(&Api::<Secret>::namespaced(client.clone(), ns), &name).await?;
+        cluster::release(
+            &Api::<Service>::namespaced(client.clone(), ns),
+            &v.names.route(),
+        )
+        .await?;
+    } else {
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        drop_original_annotation(&services, &v.upgrade.spec.traffic.service).await?;
+    }
+    if v.upgrade.spec.cleanup.delete_source {
+        delete_source_workload(v, ctx, report).await?;
+    }
+    report.completed();
+    Ok(())
+}
+
+async fn drop_original_annotation(services: &Api<Service>, name: &str) -> Result<()> {
+    let patch = json!({"metadata": {"annotations": {ORIGINAL_ANNOTATION: null}}});
+    services
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn delete_source_workload(v: &Validated, ctx: &Context, report: &mut Report) -> Result<()> {
+    let Some(workload) = &v.upgrade.spec.source.workload else {
+        return Ok(());
+    };
+    let ns = &v.namespace;
+    let params = kube::api::DeleteParams::background();
+    let deleted = match workload.kind {
+        crate::crd::WorkloadKind::StatefulSet => {
+            Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+                .delete(&workload.name, &params)
+                .await
+                .map(|_| ())
+        }
+        crate::crd::WorkloadKind::Deployment => {
+            Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+                .delete(&workload.name, &params)
+                .await
+                .map(|_| ())
+        }
+    };
+    match deleted {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    report.event(
+        EventType::Normal,
+        "SourceDeleted",
+        &format!(
+            "{:?} {} deleted (its volumes are kept)",
+            workload.kind, workload.name
+        ),
+    );
+    Ok(())
+}
+
+/// The resource is being deleted: before the switch, everything pgshift did is undone (clients
+/// back on the source directly, every pgshift object on the source removed); after it, the
+/// upgrade is finished instead, since the target has taken writes.
+async fn abort(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
+    let mut report = Report::from(upgrade);
+    ctx.metrics.forget(&report.namespace, &report.name);
+    if report.status.phase == Some(Phase::Completed) {
+        return Ok(Action::await_change());
+    }
+    let inputs = cluster::dereference(&ctx.client, upgrade).await?;
+    let mut v = validate(upgrade, &inputs).map_err(|problems| {
+        Error::Finalizer(format!(
+            "cannot clean up the source: {}; fix that so pgshift can remove its objects from the source",
+            problems.join("; ")
+        ))
+    })?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    restore_clients(&services, &upgrade.spec.traffic.service).await?;
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    if sets.get_opt(&v.names.target()).await?.is_none() {
+        // No target server: the engine never ran, so the source holds nothing of pgshift's.
+        return Ok(Action::await_change());
+    }
+    reach_source(&mut v, ctx).await?;
+    let Some(password) = provision_target(&mut v, ctx).await? else {
+        return Err(Error::Finalizer(format!(
+            "waiting for the target {} to answer, to remove pgshift's objects from the source",
+            v.names.target()
+        )));
+    };
+    let mut up = connect(&v, ctx, target_endpoint(&v, &password)).await?;
+    match up.abort().await {
+        Ok(removed) => {
+            report.event(
+                EventType::Normal,
+                "Aborted",
+                &format!(
+                    "removed from the source: slots {:?}, publications {:?}; target databases dropped: {:?}",
+                    removed.slots, removed.publications, removed.target_databases
+                ),
+            );
+        }
+        // Switched: the target has the writes; finishing is the only safe end.
+        Err(EngineError::State(_)) => {
+            complete(&v, ctx, &mut up, &mut report).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    publish_events(upgrade, ctx, &report).await;
+    Ok(Action::await_change())
+}
+
+/// Writes the status (when it changed) and publishes the report's events.
+async fn publish(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) -> Result<()> {
+    if let Some(phase) = report.status.phase {
+        ctx.metrics
+            .set_phase(&report.namespace, &report.name, phase.name());
+    }
+    if let Some(lag) = report.status.lag_bytes {
+        ctx.metrics
+            .set_replication_lag(&report.namespace, &report.name, lag.max(0) as u64);
+    }
+    if upgrade.status.as_ref() != Some(&report.status) {
+        let api: Api<PostgresUpgrade> = Api::namespaced(ctx.client.clone(), &report.namespace);
+        let patch = json!({"status": report.status});
+        api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    publish_events(upgrade, ctx, report).await;
+    Ok(())
+}
+
+async fn publish_events(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) {
+    let reference = upgrade.object_ref(&());
+    for event in &report.events {
+        let published = ctx
+            .recorder
+            .publish(
+                &KubeEvent {
+                    type_: event.type_,
+                    reason: event.reason.clone(),
+                    note: Some(event.note.chars().take(1000).collect()),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await;
+        if let Err(error) = published {
+            tracing::warn!(reason = %event.reason, "could not publish an event: {error}");
+        }
+    }
+}

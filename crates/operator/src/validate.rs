@@ -1,0 +1,268 @@
+//! Checks an upgrade against the objects it refers to (pure: the dereference step read them).
+//! What the CRD schema can check, the API server already did; this is what needs other
+//! objects: does the Secret hold credentials, does the Service select the source's pods?
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use serde_json::{json, Value};
+
+use crate::crd::{PostgresUpgrade, TrafficMode};
+use crate::names::{Names, ORIGINAL_ANNOTATION, POSTGRES_PORT};
+
+/// What the upgrade refers to, as read from the API server (absent = not found).
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub credentials: Option<Secret>,
+    pub source_service: Option<Service>,
+    pub client_service: Option<Service>,
+    pub target_service: Option<Service>,
+}
+
+/// How pgshift reaches the source.
+#[derive(Debug, Clone)]
+pub struct SourceAccess {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: pgshift_engine::Secret,
+    /// The source pods' selector (from its Service); empty for a host outside the cluster.
+    pub selector: BTreeMap<String, String>,
+    /// The source Service's target port, which the route Service copies.
+    pub target_port: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub upgrade: PostgresUpgrade,
+    pub namespace: String,
+    pub names: Names,
+    pub source: SourceAccess,
+    /// The target Service's ClusterIP, once it exists.
+    pub target_host: Option<String>,
+    pub max_pause: Duration,
+}
+
+/// One thing wrong with the spec or what it refers to, with what to do about it.
+pub type Problem = String;
+
+pub fn validate(upgrade: &PostgresUpgrade, inputs: &Inputs) -> Result<Validated, Vec<Problem>> {
+    let namespace = upgrade.metadata.namespace.clone().unwrap_or_default();
+    let name = upgrade.metadata.name.clone().unwrap_or_default();
+    let spec = &upgrade.spec;
+    let mut problems = Vec::new();
+
+    let credentials = credentials(
+        &spec.source.credentials_secret,
+        &namespace,
+        inputs.credentials.as_ref(),
+    )
+    .map_err(|p| problems.push(p))
+    .ok();
+
+    let address = match (&spec.source.service, &spec.source.host) {
+        (Some(service_ref), _) => match &inputs.source_service {
+            None => {
+                problems.push(format!(
+                    "spec.source.service: Service {:?} not found in namespace {namespace}; name the Service that reaches the source server",
+                    service_ref.name
+                ));
+                None
+            }
+            Some(service) => {
+                let port = service_ref.port.unwrap_or(POSTGRES_PORT);
+                service_address(service, port)
+                    .map_err(|p| {
+                        problems.push(format!("spec.source.service {:?}: {p}", service_ref.name))
+                    })
+                    .ok()
+            }
+        },
+        (None, Some(host)) => Some((
+            host.clone(),
+            spec.source.port.unwrap_or(POSTGRES_PORT) as u16,
+            BTreeMap::new(),
+            json!(spec.source.port.unwrap_or(POSTGRES_PORT)),
+        )),
+        (None, None) => {
+            problems.push("spec.source: set service or host".to_string());
+            None
+        }
+    };
+
+    match &inputs.client_service {
+        None => problems.push(format!(
+            "spec.traffic.service: Service {:?} not found in namespace {namespace}; name the Service your clients connect to",
+            spec.traffic.service
+        )),
+        Some(service) if selector_of(service).is_empty() => problems.push(format!(
+            "spec.traffic.service: Service {:?} has no selector; pgshift moves clients by changing it, so it must select the source's pods",
+            spec.traffic.service
+        )),
+        Some(_) => {}
+    }
+
+    if spec.traffic.mode == TrafficMode::PgBouncer {
+        if spec.source.service.is_none() {
+            problems.push(
+                "spec.traffic.mode PgBouncer needs spec.source.service (PgBouncer reaches the source's pods through a Service pgshift copies from it); use mode Service for a source outside the cluster".to_string(),
+            );
+        }
+        if let Some((user, _)) = &credentials {
+            if !is_simple_name(user) {
+                problems.push(format!(
+                    "the source user {user:?} in Secret {:?} is not a plain name (letters, digits, _): PgBouncer looks up client passwords as that user; use such a superuser",
+                    spec.source.credentials_secret
+                ));
+            }
+        }
+    }
+
+    let max_pause = parse_duration(&spec.cutover.max_pause)
+        .map_err(|p| problems.push(format!("spec.cutover.maxPause: {p}")))
+        .ok();
+
+    let target_host = inputs
+        .target_service
+        .as_ref()
+        .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+        .filter(|ip| ip != "None");
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let ((user, password), (host, port, selector, target_port), max_pause) = (
+        credentials.expect("checked"),
+        address.expect("checked"),
+        max_pause.expect("checked"),
+    );
+    Ok(Validated {
+        upgrade: upgrade.clone(),
+        namespace,
+        names: Names::new(&name),
+        source: SourceAccess {
+            host,
+            port,
+            user,
+            password,
+            selector,
+            target_port,
+        },
+        target_host,
+        max_pause,
+    })
+}
+
+fn credentials(
+    name: &str,
+    namespace: &str,
+    secret: Option<&Secret>,
+) -> Result<(String, pgshift_engine::Secret), Problem> {
+    let secret = secret.ok_or_else(|| {
+        format!(
+            "spec.source.credentialsSecret: Secret {name:?} not found in namespace {namespace}; create it with keys username and password (a superuser of the source)"
+        )
+    })?;
+    let value = |key: &str| {
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| {
+                format!("Secret {name:?} has no key {key:?}; it needs username and password")
+            })?;
+        String::from_utf8(bytes).map_err(|_| format!("Secret {name:?}: {key} is not UTF-8 text"))
+    };
+    Ok((
+        value("username")?,
+        pgshift_engine::Secret::new(value("password")?),
+    ))
+}
+
+fn selector_of(service: &Service) -> BTreeMap<String, String> {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default()
+}
+
+type Address = (String, u16, BTreeMap<String, String>, Value);
+
+/// ClusterIP, port, selector and target port of a Service's `port`.
+fn service_address(service: &Service, port: i32) -> Result<Address, Problem> {
+    let spec = service.spec.as_ref().ok_or("has no spec")?;
+    let ip = spec
+        .cluster_ip
+        .clone()
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or("is headless (no ClusterIP); give a Service with a ClusterIP")?;
+    let service_port = spec
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.port == port)
+        .ok_or_else(|| format!("has no port {port}; set spec.source.service.port"))?;
+    let mut target_port = match &service_port.target_port {
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name)) => {
+            json!(name)
+        }
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => json!(n),
+        None => json!(port),
+    };
+    let mut selector = selector_of(service);
+    // When pgshift has moved this Service already, the source is what it selected before.
+    if let Some(original) = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ORIGINAL_ANNOTATION))
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+    {
+        selector = serde_json::from_value(original["selector"].clone()).unwrap_or_default();
+        if let Some(p) = original["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["port"] == json!(port))
+        {
+            target_port = p.get("targetPort").cloned().unwrap_or(json!(port));
+        }
+    }
+    if selector.is_empty() {
+        return Err("has no selector; it must select the source server's pods".into());
+    }
+    Ok((ip, port as u16, selector, target_port))
+}
+
+fn is_simple_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `2s`, `500ms` (the CRD's pattern).
+pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .ok_or_else(|| format!("{text:?} has no unit; write e.g. 2s or 500ms"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "{text:?}: unit {unit:?} is not ms or s; write e.g. 2s or 500ms"
+        )),
+    }
+}
