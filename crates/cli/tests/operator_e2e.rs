@@ -28,7 +28,9 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     fx.start_operator("operator-a");
     let ledger = fx.ledger(4).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    let mut spec = spec("PgBouncer");
+    spec["cleanup"] = json!({"deleteSource": true});
+    fx.apply_upgrade("orders", spec).await;
     let phases = fx
         .wait_for_phase("orders", Phase::Completed, Duration::from_secs(240))
         .await;
@@ -93,6 +95,22 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     assert!(row[2].as_str().unwrap().starts_with("15."));
     assert!(row[3].as_str().unwrap().starts_with("18."));
     assert_eq!(row[6], json!(cutover.pause.unwrap()));
+
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    assert!(
+        sets.get_opt("db").await.unwrap().is_none(),
+        "cleanup.deleteSource removed the old StatefulSet"
+    );
+    let target = sets.get("orders-target").await.unwrap();
+    assert!(
+        target
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty(),
+        "the new server no longer belongs to the upgrade"
+    );
 
     let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
     let reasons: Vec<String> = events
@@ -574,4 +592,75 @@ async fn event_reporters(fx: &Fixture) -> Vec<String> {
     reporters.sort();
     reporters.dedup();
     reporters
+}
+
+/// A schema copy Job that fails (here: a tablespace the target does not have) puts its cause in
+/// status and an event; nothing is half-restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_schema_copy_reports_its_cause() {
+    let mut fx = Fixture::start(15, &[]).await;
+    let server = fx.source_direct("postgres").await;
+    let data_dir: String = server
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let location = std::path::Path::new(&data_dir).with_file_name("archive-tablespace");
+    std::fs::create_dir_all(&location).unwrap();
+    let owner = std::fs::metadata(&data_dir).unwrap();
+    std::os::unix::fs::chown(
+        &location,
+        Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+        Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+    )
+    .unwrap();
+    server
+        .batch_execute(&format!(
+            "CREATE TABLESPACE archive LOCATION '{}'",
+            location.display()
+        ))
+        .await
+        .unwrap();
+    let app = fx.source_direct(APP_DB).await;
+    app.batch_execute("CREATE TABLE archived (id int PRIMARY KEY) TABLESPACE archive")
+        .await
+        .unwrap();
+    fx.start_operator("operator-a");
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Failed, Duration::from_secs(180))
+        .await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    eprintln!("Ready: {} {}", ready.reason, ready.message);
+    assert_eq!(ready.reason, "SchemaCopyFailed");
+    assert!(
+        ready.message.contains("\"archive\" does not exist"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        ready.message.contains("nothing was kept"),
+        "{}",
+        ready.message
+    );
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
+    let failures: Vec<String> = events
+        .list(&ListParams::default().fields("involvedObject.kind=PostgresUpgrade"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("SchemaCopyFailed"))
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        failures
+            .iter()
+            .any(|m| m.contains("\"archive\" does not exist")),
+        "{failures:?}"
+    );
 }

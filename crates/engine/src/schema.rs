@@ -194,6 +194,8 @@ pub fn restore_options() -> Vec<String> {
         "--quiet",
         "--single-transaction",
         "--no-password",
+        // Query results (the dump's set_config calls) are noise; errors go to stderr.
+        "--output=/dev/null",
         "-v",
         "ON_ERROR_STOP=1",
     ]

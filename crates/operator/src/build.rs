@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::crd::PostgresUpgrade;
-use crate::names::{role, Names, POSTGRES_PORT, TARGET_SUPERUSER};
+use crate::names::{role, POSTGRES_PORT, TARGET_SUPERUSER};
 use crate::validate::Validated;
 
 const DATA_DIR: &str = "/var/lib/postgresql/data";
@@ -263,7 +263,8 @@ pub fn schema_job(v: &Validated, database: &str, source_oid: u32, epilogue: &str
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": metadata(v, &v.names.schema_job(source_oid), role::SCHEMA),
         "spec": {
-            "backoffLimit": 2,
+            // pgshift retries with a new Job itself, after reporting why this one failed.
+            "backoffLimit": 0,
             "ttlSecondsAfterFinished": 86400,
             "template": {
                 "metadata": {"labels": v.names.labels(role::SCHEMA)},
@@ -294,8 +295,147 @@ pub fn schema_job(v: &Validated, database: &str, source_oid: u32, epilogue: &str
     }))
 }
 
-/// The clients' Service pointed at one role's pods (PgBouncer, or the target in `Service`
-/// mode), on the pods' `postgres` port.
-pub fn client_service_selector(names: &Names, role: &str) -> Value {
-    json!({"selector": names.selector(role), "targetPort": "postgres"})
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::tests::{fixture, inputs};
+    use crate::validate::validate;
+
+    fn validated() -> Validated {
+        let upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let mut v = validate(&upgrade, &inputs()).unwrap();
+        v.target_host = Some("10.96.0.30".into());
+        v
+    }
+
+    fn owned_by_the_upgrade(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("PostgresUpgrade", "orders")
+        );
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        assert_eq!(
+            meta.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+            "pgshift"
+        );
+    }
+
+    #[test]
+    fn the_target_runs_the_new_image_with_logical_wal_on_its_own_volume() {
+        let set = target_statefulset(&validated());
+        owned_by_the_upgrade(&set.metadata);
+        let spec = set.spec.unwrap();
+        assert_eq!(
+            spec.persistent_volume_claim_retention_policy
+                .unwrap()
+                .when_deleted
+                .as_deref(),
+            Some("Delete")
+        );
+        let claim = &spec.volume_claim_templates.unwrap()[0];
+        let claim_spec = claim.spec.as_ref().unwrap();
+        assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));
+        let container = &spec.template.spec.unwrap().containers[0];
+        assert_eq!(container.image.as_deref(), Some("postgres:18"));
+        let args = container.args.clone().unwrap();
+        // The user's wal_level is dropped: logical replication needs logical.
+        assert_eq!(
+            args,
+            ["-c", "shared_buffers=256MB", "-c", "wal_level=logical"]
+        );
+        let env = container.env.clone().unwrap();
+        let password = env.iter().find(|e| e.name == "POSTGRES_PASSWORD").unwrap();
+        assert!(
+            password.value.is_none(),
+            "the password comes from the Secret"
+        );
+        assert_eq!(
+            password
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "orders-target-superuser"
+        );
+    }
+
+    #[test]
+    fn pgbouncer_pools_transactions_toward_the_route_with_the_source_superuser_as_auth_user() {
+        let v = validated();
+        let ini = pgbouncer_config(&v, "10.96.0.40").data.unwrap()["pgbouncer.ini"].clone();
+        assert!(ini.contains("* = host=10.96.0.40 port=5432\n"), "{ini}");
+        assert!(ini.contains("pool_mode = transaction\n"));
+        assert!(ini.contains("auth_user = postgres\n"));
+        assert!(ini.contains("admin_users = pgshift_admin\n"));
+        let secret = pgbouncer_secret(&v, "adm\"in", "s\"ecret");
+        owned_by_the_upgrade(&secret.metadata);
+        let userlist = &secret.string_data.unwrap()["userlist.txt"];
+        assert_eq!(
+            userlist,
+            "\"pgshift_admin\" \"adm\"\"in\"\n\"postgres\" \"s\"\"ecret\"\n"
+        );
+        let deployment = pgbouncer_deployment(&v).spec.unwrap();
+        assert_eq!(deployment.replicas, Some(2));
+    }
+
+    #[test]
+    fn the_route_starts_at_the_source_and_can_point_at_the_target() {
+        let v = validated();
+        let to_source = route_service(&v, false).spec.unwrap();
+        assert_eq!(to_source.selector.unwrap()["app"], "db");
+        assert_eq!(
+            to_source.ports.unwrap()[0].target_port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("pg".into()))
+        );
+        let to_target = route_service(&v, true).spec.unwrap();
+        assert_eq!(to_target.selector.unwrap()["pgshift.io/role"], "target");
+        let own = source_service(&v).spec.unwrap();
+        assert_eq!(own.selector.unwrap()["app"], "db");
+    }
+
+    #[test]
+    fn the_schema_job_keeps_passwords_out_of_its_command_and_restores_from_a_file() {
+        let v = validated();
+        let job = schema_job(&v, "app", 16385, "INSERT INTO x VALUES ('step');");
+        owned_by_the_upgrade(&job.metadata);
+        assert_eq!(job.metadata.name.as_deref(), Some("orders-schema-16385"));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.image.as_deref(),
+            Some("postgres:18"),
+            "the target's own tools"
+        );
+        assert_eq!(
+            container.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        let script = container.command.as_ref().unwrap().join(" ");
+        assert!(!script.contains("s\"ecret"));
+        assert!(
+            script.contains("--file=\"$file\"") && !script.contains('|'),
+            "{script}"
+        );
+        assert!(script.contains("'--single-transaction'") && script.contains("'ON_ERROR_STOP=1'"));
+        let env = container.env.clone().unwrap();
+        for name in ["SOURCE_PASSWORD", "TARGET_PASSWORD"] {
+            let var = env.iter().find(|e| e.name == name).unwrap();
+            assert!(
+                var.value.is_none() && var.value_from.is_some(),
+                "{name} from a Secret"
+            );
+        }
+        let epilogue = env.iter().find(|e| e.name == "PGSHIFT_EPILOGUE").unwrap();
+        assert_eq!(
+            epilogue.value.as_deref(),
+            Some("INSERT INTO x VALUES ('step');")
+        );
+        let target = env.iter().find(|e| e.name == "TARGET_HOST").unwrap();
+        assert_eq!(target.value.as_deref(), Some("10.96.0.30"));
+    }
 }

@@ -8,7 +8,7 @@ pub enum Error {
     #[error("{0}")]
     Engine(#[from] pgshift_engine::Error),
 
-    #[error("the schema copy Job {job} for database {database} failed: {message}. The restore is one transaction, so nothing was kept; fix the cause, then delete the Job to try again")]
+    #[error("the schema copy Job {job} for database {database} failed: {message}. The restore is one transaction, so nothing was kept; pgshift tries again with a new Job every 30 s until the cause is fixed")]
     SchemaCopyFailed {
         job: String,
         database: String,

@@ -219,3 +219,32 @@ pub enum RestoreError {
 pub fn patch_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selector_is_replaced_and_every_port_aimed_at_postgres() {
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "db"},
+            "spec": {"selector": {"app": "db", "tier": "data"},
+                     "ports": [{"port": 5432, "targetPort": 5432}, {"port": 9187, "targetPort": "metrics"}]},
+        }))
+        .unwrap();
+        let patch = serde_json::to_value(selector_patch(
+            &service,
+            &Names::new("orders"),
+            role::TARGET,
+        ))
+        .unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "replace", "path": "/spec/selector", "value": {"pgshift.io/role": "target", "pgshift.io/upgrade": "orders"}},
+                {"op": "replace", "path": "/spec/ports/0/targetPort", "value": "postgres"},
+                {"op": "replace", "path": "/spec/ports/1/targetPort", "value": "postgres"},
+            ])
+        );
+    }
+}

@@ -266,3 +266,147 @@ pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
         )),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
+    pub(crate) fn inputs() -> Inputs {
+        let service: Service = fixture("source-service.yaml");
+        Inputs {
+            credentials: Some(fixture("credentials.yaml")),
+            source_service: Some(service.clone()),
+            client_service: Some(service),
+            target_service: None,
+        }
+    }
+
+    fn problems(upgrade: &PostgresUpgrade, inputs: &Inputs) -> String {
+        validate(upgrade, inputs).unwrap_err().join("\n")
+    }
+
+    #[test]
+    fn a_valid_upgrade_resolves_the_source() {
+        let upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let v = validate(&upgrade, &inputs()).unwrap();
+        assert_eq!(
+            (v.source.host.as_str(), v.source.port),
+            ("10.96.0.20", 5432)
+        );
+        assert_eq!(v.source.user, "postgres");
+        assert_eq!(v.source.password.expose(), "s\"ecret");
+        assert_eq!(
+            v.source.selector,
+            BTreeMap::from([("app".into(), "db".into())])
+        );
+        assert_eq!(v.source.target_port, json!("pg"));
+        assert_eq!(v.max_pause, Duration::from_millis(500));
+        assert_eq!(
+            (v.namespace.as_str(), v.names.target().as_str()),
+            ("shop", "orders-target")
+        );
+        assert_eq!(v.target_host, None);
+    }
+
+    #[test]
+    fn missing_or_incomplete_references_name_the_fix() {
+        let upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let mut no_secret = inputs();
+        no_secret.credentials = None;
+        let text = problems(&upgrade, &no_secret);
+        assert!(
+            text.contains("Secret \"db-superuser\" not found in namespace shop"),
+            "{text}"
+        );
+        assert!(text.contains("keys username and password"), "{text}");
+
+        let mut no_password = inputs();
+        no_password
+            .credentials
+            .as_mut()
+            .unwrap()
+            .data
+            .as_mut()
+            .unwrap()
+            .remove("password");
+        assert!(problems(&upgrade, &no_password).contains("has no key \"password\""));
+
+        let mut headless = inputs();
+        headless
+            .source_service
+            .as_mut()
+            .unwrap()
+            .spec
+            .as_mut()
+            .unwrap()
+            .cluster_ip = Some("None".into());
+        assert!(problems(&upgrade, &headless).contains("is headless"));
+
+        let mut no_selector = inputs();
+        no_selector
+            .client_service
+            .as_mut()
+            .unwrap()
+            .spec
+            .as_mut()
+            .unwrap()
+            .selector = None;
+        assert!(problems(&upgrade, &no_selector).contains("has no selector"));
+
+        let mut no_client_service = inputs();
+        no_client_service.client_service = None;
+        assert!(problems(&upgrade, &no_client_service)
+            .contains("name the Service your clients connect to"));
+    }
+
+    #[test]
+    fn pgbouncer_mode_needs_a_source_service() {
+        let mut upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        upgrade.spec.source.service = None;
+        upgrade.spec.source.host = Some("db.example.internal".into());
+        let text = problems(&upgrade, &inputs());
+        assert!(
+            text.contains("use mode Service for a source outside the cluster"),
+            "{text}"
+        );
+        upgrade.spec.traffic.mode = TrafficMode::Service;
+        let v = validate(&upgrade, &inputs()).unwrap();
+        assert_eq!(v.source.host, "db.example.internal");
+        assert!(v.source.selector.is_empty());
+    }
+
+    #[test]
+    fn a_service_pgshift_moved_still_names_the_source_it_selected() {
+        let upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let mut moved = inputs();
+        let service = moved.source_service.as_mut().unwrap();
+        service.spec.as_mut().unwrap().selector = Some(BTreeMap::from([
+            ("pgshift.io/upgrade".into(), "orders".into()),
+            ("pgshift.io/role".into(), "pgbouncer".into()),
+        ]));
+        service.metadata.annotations = Some(BTreeMap::from([(
+            ORIGINAL_ANNOTATION.to_string(),
+            json!({"selector": {"app": "db"}, "ports": [{"port": 5432, "targetPort": 15432}]})
+                .to_string(),
+        )]));
+        let v = validate(&upgrade, &moved).unwrap();
+        assert_eq!(
+            v.source.selector,
+            BTreeMap::from([("app".into(), "db".into())])
+        );
+        assert_eq!(v.source.target_port, json!(15432));
+    }
+
+    #[test]
+    fn durations_are_the_crds_pattern() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("2").unwrap_err().contains("has no unit"));
+        assert!(parse_duration("1m").unwrap_err().contains("is not ms or s"));
+    }
+}
