@@ -664,3 +664,40 @@ async fn a_failing_schema_copy_reports_its_cause() {
         "{failures:?}"
     );
 }
+
+/// DDL on the source during replication breaks apply on the target: status says so with the
+/// cause (the table and column), and the cutover does not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_failures_reach_status_with_their_cause() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let mut manual = spec("PgBouncer");
+    manual["cutover"]["mode"] = json!("Manual");
+    fx.apply_upgrade("orders", manual).await;
+    fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
+        .await;
+    let app = fx.source_direct(APP_DB).await;
+    app.batch_execute(
+        "ALTER TABLE ledger_accounts ADD COLUMN note text;
+         UPDATE ledger_accounts SET note = 'drift' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    fx.wait_for_phase("orders", Phase::Failed, Duration::from_secs(60))
+        .await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    eprintln!("Ready: {} {}", ready.reason, ready.message);
+    assert_eq!(ready.reason, "ApplyFailing");
+    assert!(
+        ready.message.contains("ledger_accounts"),
+        "{}",
+        ready.message
+    );
+    assert!(ready.message.contains("note"), "{}", ready.message);
+    assert!(status.cutover.is_none(), "no cutover was attempted");
+}

@@ -501,7 +501,9 @@ impl Upgrade {
 
     /// The `ApplyFailing` error for a database, with the cause read from the target (also
     /// sent as an event).
-    async fn apply_failure(&mut self, database: &str) -> Result<Error> {
+    /// Why apply into `database` fails, read from the target's log and schema drift: an
+    /// `ApplyFailing` error to report (the caller saw the target count new errors).
+    pub async fn apply_failure(&mut self, database: &str) -> Result<Error> {
         self.db(database).await?;
         let connections = self.conns(database);
         let target = connections

@@ -327,6 +327,10 @@ pub struct DatabaseStatus {
     pub step: String,
     pub tables_ready: i64,
     pub tables_total: i64,
+    /// Replication errors the target has counted (PostgreSQL 15+): a rise means apply is
+    /// failing, and the cause goes to the `Ready` condition.
+    #[serde(default)]
+    pub apply_errors: i64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

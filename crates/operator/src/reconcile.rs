@@ -130,7 +130,11 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
     }
 
     let steps = up.next_steps().await?;
+    let failing = report.new_apply_errors(&steps);
     report.databases(&steps);
+    if let Some(database) = failing.first() {
+        return Err(up.apply_failure(database).await?.into());
+    }
     let switched = steps.iter().any(|(_, s)| *s == Step::Switched);
     if v.upgrade.spec.traffic.mode == TrafficMode::PgBouncer && !switched {
         if !provision_pgbouncer(&v, ctx, report).await? {

@@ -127,6 +127,23 @@ impl Report {
         self.condition("Blocked", false, "Completed", "nothing blocks the upgrade");
     }
 
+    /// The databases whose target counted more replication errors than at the last reconcile.
+    pub fn new_apply_errors(&self, steps: &[(Database, Step)]) -> Vec<String> {
+        steps
+            .iter()
+            .filter_map(|(db, _)| {
+                let now = db.subscription.as_ref()?.errors;
+                let before = self
+                    .status
+                    .databases
+                    .iter()
+                    .find(|d| d.name == db.name)
+                    .map_or(now, |d| d.apply_errors);
+                (now > before).then(|| db.name.clone())
+            })
+            .collect()
+    }
+
     /// Per-database steps, tables in sync and the lag behind the source.
     pub fn databases(&mut self, steps: &[(Database, Step)]) {
         self.status.databases = steps
@@ -136,6 +153,7 @@ impl Report {
                 step: format!("{step:?}"),
                 tables_ready: db.subscription.as_ref().map_or(0, |s| s.tables_ready),
                 tables_total: db.subscription.as_ref().map_or(0, |s| s.tables_total),
+                apply_errors: db.subscription.as_ref().map_or(0, |s| s.errors),
             })
             .collect();
         let subscribed: Vec<_> = steps
