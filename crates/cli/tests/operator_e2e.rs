@@ -112,6 +112,16 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
         "the new server no longer belongs to the upgrade"
     );
 
+    let metrics = fx.metrics(0).await;
+    for series in [
+        "pgshift_upgrade_phase{namespace=\"default\",name=\"orders\",phase=\"Completed\"} 1",
+        "pgshift_upgrade_phase{namespace=\"default\",name=\"orders\",phase=\"Replicating\"} 0",
+        "pgshift_cutover_pause_seconds{namespace=\"default\",name=\"orders\"}",
+        "pgshift_cutover_attempts_total{namespace=\"default\",name=\"orders\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+
     let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
     let reasons: Vec<String> = events
         .list(&ListParams::default().fields("involvedObject.kind=PostgresUpgrade"))

@@ -33,6 +33,8 @@ pub struct Fixture {
     pub superuser_password: String,
     pub app_password: String,
     operators: Vec<Child>,
+    /// Where each started operator serves /metrics.
+    metrics_ports: Vec<u16>,
 }
 
 impl Drop for Fixture {
@@ -90,6 +92,7 @@ impl Fixture {
             superuser_password: token(),
             app_password: token(),
             operators: Vec::new(),
+            metrics_ports: Vec::new(),
         };
         fixture.install_crd().await;
         fixture.start_source(source_major, source_args).await;
@@ -154,7 +157,7 @@ impl Fixture {
                                 {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
                             ],
                             "ports": [{"name": "postgres", "containerPort": 5432}],
-                            "readinessProbe": {"exec": {"command": ["pg_isready", "-q"]}, "periodSeconds": 1},
+                            "readinessProbe": {"exec": {"command": ["pg_isready", "-q"]}, "periodSeconds": 1, "timeoutSeconds": 5},
                             "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
                         }]},
                     },
@@ -331,14 +334,15 @@ impl Fixture {
                 .join(format!("operator-{identity}-{}.log", self.operators.len())),
         )
         .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        self.metrics_ports.push(port);
         let child = Command::new(env!("CARGO_BIN_EXE_pgshift"))
-            .args([
-                "operator",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--lease-name",
-                "pgshift-operator",
-            ])
+            .args(["operator", "--lease-name", "pgshift-operator"])
+            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
             .env("KUBECONFIG", self.operator_kubeconfig())
             .env("POD_NAMESPACE", OPERATOR_NS)
             .env("POD_NAME", identity)
@@ -350,6 +354,21 @@ impl Fixture {
             .spawn()
             .expect("pgshift operator starts");
         self.operators.push(child);
+    }
+
+    /// `GET /metrics` of the operator started `index`-th.
+    pub async fn metrics(&self, index: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_ports[index]))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
     }
 
     pub fn operator_logs(&self) -> String {
