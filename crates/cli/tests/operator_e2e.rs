@@ -519,6 +519,17 @@ async fn a_killed_operator_resumes_in_every_phase() {
             break;
         }
         if let Some(position) = kill_at.iter().position(|p| Some(*p) == phase) {
+            if phase == Some(Phase::CuttingOver) {
+                // Inside the fence: right after the engine reports it raised it.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while !fx
+                    .operator_log(operator)
+                    .contains("CutoverStep { step: \"fence\"")
+                    && std::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
             fx.kill_operator(operator);
             killed.push(kill_at.remove(position));
             eprintln!("killed the operator in {:?}", killed.last().unwrap());
@@ -537,6 +548,14 @@ async fn a_killed_operator_resumes_in_every_phase() {
         killed.len() >= 3,
         "killed in at least three phases: {killed:?}"
     );
+    if killed.contains(&Phase::CuttingOver) {
+        let logs = fx.operator_logs();
+        assert!(
+            logs.contains("an interrupted cutover left writes fenced")
+                || logs.contains("an interrupted cutover had already switched"),
+            "the kill landed inside the cutover and the next operator recovered it"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before_stop = ledger.snapshot().committed;
     tokio::time::sleep(Duration::from_secs(1)).await;

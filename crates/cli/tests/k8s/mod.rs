@@ -371,6 +371,19 @@ impl Fixture {
         response
     }
 
+    /// The log of the operator started `index`-th.
+    pub fn operator_log(&self, index: usize) -> String {
+        std::fs::read_dir(self.cluster.work_dir())
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("operator-") && name.ends_with(&format!("-{index}.log"))
+            })
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .unwrap_or_default()
+    }
+
     pub fn operator_logs(&self) -> String {
         let mut all = String::new();
         for entry in std::fs::read_dir(self.cluster.work_dir())
