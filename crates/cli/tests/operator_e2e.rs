@@ -434,6 +434,16 @@ async fn deleting_the_upgrade_mid_replication_restores_the_source_and_removes_th
         Some(Phase::Replicating),
         "deleted during the initial copy"
     );
+    delete_and_check_everything_restored(&fx, &before_with_big, &service_before).await;
+}
+
+/// Deletes the upgrade and checks that the source and the clients' Service are as they were
+/// and that every object pgshift made is gone.
+async fn delete_and_check_everything_restored(
+    fx: &Fixture,
+    source_before: &[String],
+    service_before: &Option<k8s_openapi::api::core::v1::ServiceSpec>,
+) {
     fx.upgrades()
         .delete("orders", &kube::api::DeleteParams::default())
         .await
@@ -453,11 +463,13 @@ async fn deleting_the_upgrade_mid_replication_restores_the_source_and_removes_th
     .await;
     assert_eq!(
         fx.source_state().await,
-        before_with_big,
+        source_before,
         "the source is as it was"
     );
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
     assert_eq!(
-        services.get("db").await.unwrap().spec,
+        &services.get("db").await.unwrap().spec,
         service_before,
         "the clients' Service is restored"
     );
@@ -467,26 +479,88 @@ async fn deleting_the_upgrade_mid_replication_restores_the_source_and_removes_th
         Api::namespaced(fx.client.clone(), k8s::NS);
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(fx.client.clone(), k8s::NS);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
     k8s::eventually(
-        "the target's objects to be collected",
+        "pgshift's objects to be collected",
         Duration::from_secs(60),
         || async {
-            let gone = sets.get_opt("orders-target").await.unwrap().is_none()
-                && claims
-                    .get_opt("data-orders-target-0")
-                    .await
-                    .unwrap()
-                    .is_none()
-                && deployments
-                    .get_opt("orders-pgbouncer")
-                    .await
-                    .unwrap()
-                    .is_none()
-                && services.get_opt("orders-target").await.unwrap().is_none();
-            gone.then_some(())
+            let mut left = Vec::new();
+            if sets.get_opt("orders-target").await.unwrap().is_some() {
+                left.push("statefulset");
+            }
+            if claims
+                .get_opt("data-orders-target-0")
+                .await
+                .unwrap()
+                .is_some()
+            {
+                left.push("pvc");
+            }
+            if deployments
+                .get_opt("orders-pgbouncer")
+                .await
+                .unwrap()
+                .is_some()
+            {
+                left.push("pgbouncer");
+            }
+            for service in ["orders-target", "orders-route", "orders-source"] {
+                if services.get_opt(service).await.unwrap().is_some() {
+                    left.push(service);
+                }
+            }
+            for secret in ["orders-target-superuser", "orders-pgbouncer"] {
+                if secrets.get_opt(secret).await.unwrap().is_some() {
+                    left.push(secret);
+                }
+            }
+            left.is_empty().then_some(())
         },
     )
     .await;
+}
+
+/// Deleted in each phase before the switch (Provisioning, CopyingSchema, CatchingUp, a manual
+/// cutover's ReadyForCutover), one after the other on the same source: each time the source
+/// and the clients' Service end as they were and nothing of pgshift's is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_the_upgrade_in_every_phase_before_the_switch_leaves_nothing_behind() {
+    let mut fx = Fixture::start(15, &[]).await;
+    let before = fx.source_state().await;
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let service_before = services.get("db").await.unwrap().spec;
+    fx.start_operator("operator-a");
+    let order = [
+        Phase::Provisioning,
+        Phase::CopyingSchema,
+        Phase::Replicating,
+        Phase::CatchingUp,
+        Phase::ReadyForCutover,
+    ];
+    let rank = |p: Phase| order.iter().position(|o| *o == p);
+    for wanted in [
+        Phase::Provisioning,
+        Phase::CopyingSchema,
+        Phase::CatchingUp,
+        Phase::ReadyForCutover,
+    ] {
+        let mut manual = spec("PgBouncer");
+        manual["cutover"]["mode"] = json!("Manual");
+        fx.apply_upgrade("orders", manual).await;
+        let reached = k8s::eventually(
+            "the phase to delete in",
+            Duration::from_secs(180),
+            || async {
+                let phase = fx.upgrades().get("orders").await.ok()?.status?.phase?;
+                (rank(phase)? >= rank(wanted)?).then_some(phase)
+            },
+        )
+        .await;
+        eprintln!("deleting in {reached:?} (wanted {wanted:?})");
+        delete_and_check_everything_restored(&fx, &before, &service_before).await;
+    }
 }
 
 /// The operator killed (SIGKILL) in each phase, the cutover included, and started again: the
