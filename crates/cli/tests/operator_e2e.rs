@@ -89,7 +89,7 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     );
 
     let table = fx.table().await;
-    eprintln!("kubectl get pgu:\n{}", render_table(&table));
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&table));
     let row = &table["rows"][0]["cells"];
     assert_eq!(row[1], "Completed");
     assert!(row[2].as_str().unwrap().starts_with("15."));
@@ -144,56 +144,6 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
             "event {reason} in {reasons:?}"
         );
     }
-}
-
-/// `kubectl get`'s layout of a Table.
-fn render_table(table: &serde_json::Value) -> String {
-    let names: Vec<String> = table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap().to_uppercase())
-        .collect();
-    let rows: Vec<Vec<String>> = table["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r["cells"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|c| {
-                    c.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| c.to_string())
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = (0..names.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([names[i].len()])
-                .max()
-                .unwrap()
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("   ")
-            .trim_end()
-            .to_string()
-    };
-    std::iter::once(line(&names))
-        .chain(rows.iter().map(|r| line(r)))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Invalid specs are refused by the API server with a message that says what to fix; a source

@@ -429,7 +429,12 @@ impl Fixture {
             let current = upgrade.status.as_ref().and_then(|s| s.phase);
             if let Some(current) = current {
                 if seen.last() != Some(&current) {
-                    eprintln!("{name}: {current:?}");
+                    // As `kubectl get pgu -w` shows it.
+                    let table = render_table(&self.table().await);
+                    match seen.is_empty() {
+                        true => eprintln!("{table}"),
+                        false => eprintln!("{}", table.lines().last().unwrap_or_default()),
+                    }
                     seen.push(current);
                 }
                 if current == phase {
@@ -457,6 +462,57 @@ impl Fixture {
         .unwrap();
         self.client.request(request).await.unwrap()
     }
+}
+
+/// `kubectl get`'s layout of a Table.
+pub fn render_table(table: &serde_json::Value) -> String {
+    let names: Vec<String> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_uppercase())
+        .collect();
+    let rows: Vec<Vec<String>> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r["cells"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| match c {
+                    // kubectl's rendering of an absent value.
+                    serde_json::Value::Null => "<none>".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..names.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([names[i].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_string()
+    };
+    std::iter::once(line(&names))
+        .chain(rows.iter().map(|r| line(r)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
