@@ -61,6 +61,10 @@ pub struct OperatorArgs {
     /// This replica's identity in the Lease (default: the pod name, from POD_NAME).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// How long the leader's Lease lasts without renewal (renewed every third of it): a killed
+    /// leader is replaced after this long.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -215,13 +215,8 @@ async fn operator(args: args::OperatorArgs) -> anyhow::Result<ExitCode> {
     });
     let mut lease =
         pgshift_operator::leader::LeaseConfig::new(args.lease_namespace, args.lease_name, identity);
-    if let Ok(seconds) = std::env::var("PGSHIFT_LEASE_SECONDS") {
-        let seconds: u64 = seconds
-            .parse()
-            .context("PGSHIFT_LEASE_SECONDS must be a whole number of seconds")?;
-        lease.lease_duration = std::time::Duration::from_secs(seconds);
-        lease.renew_every = std::time::Duration::from_secs(seconds).div_f64(3.0);
-    }
+    lease.lease_duration = args.lease_duration;
+    lease.renew_every = args.lease_duration / 3;
     pgshift_operator::controller::run(
         client,
         pgshift_operator::controller::Options {

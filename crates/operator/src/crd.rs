@@ -44,6 +44,7 @@ pub struct PostgresUpgradeSpec {
     #[x_kube(validation = Rule::new("self.image == oldSelf.image").message("spec.target.image cannot change once the upgrade exists: delete this PostgresUpgrade and create a new one"))]
     pub target: Target,
     /// How clients reach the database, and how they are moved.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.traffic cannot change once the upgrade exists (pgshift may already have put PgBouncer in front of the clients): delete this PostgresUpgrade and create a new one"))]
     pub traffic: Traffic,
     #[serde(default)]
     pub cutover: Cutover,
@@ -403,6 +404,7 @@ mod tests {
         let text = crd.to_string();
         assert!(text.contains("set exactly one of spec.source.host and spec.source.service"));
         assert!(text.contains("maxPause is a duration between 10ms and 60s"));
+        assert!(text.contains("spec.traffic cannot change once the upgrade exists"));
     }
 
     /// `deploy/crds/` and the chart's `crds/` hold what `pgshift crd` prints; regenerate them

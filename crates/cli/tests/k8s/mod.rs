@@ -346,7 +346,7 @@ impl Fixture {
             .env("KUBECONFIG", self.operator_kubeconfig())
             .env("POD_NAMESPACE", OPERATOR_NS)
             .env("POD_NAME", identity)
-            .env("PGSHIFT_LEASE_SECONDS", "3")
+            .arg("--lease-duration=3s")
             .env("RUST_LOG", "pgshift_operator=debug,pgshift_engine=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
