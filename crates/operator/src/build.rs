@@ -222,8 +222,8 @@ pub fn pgbouncer_deployment(v: &Validated) -> Deployment {
                 "spec": {
                     "containers": [{
                         "name": "pgbouncer",
+                        // The image's own command reads {PGBOUNCER_DIR}/pgbouncer.ini.
                         "image": spec.image,
-                        "args": [format!("{PGBOUNCER_DIR}/pgbouncer.ini")],
                         "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
                         "readinessProbe": tcp,
                         "livenessProbe": tcp,
@@ -231,8 +231,11 @@ pub fn pgbouncer_deployment(v: &Validated) -> Deployment {
                     }],
                     "volumes": [{"name": "config", "projected": {"sources": [
                         {"configMap": {"name": name, "items": [{"key": "pgbouncer.ini", "path": "pgbouncer.ini"}]}},
-                        {"secret": {"name": name, "items": [{"key": "userlist.txt", "path": "userlist.txt", "mode": 0o600}]}},
+                        {"secret": {"name": name, "items": [{"key": "userlist.txt", "path": "userlist.txt", "mode": 0o440}]}},
                     ]}}],
+                    // PgBouncer images run as a non-root user (postgres, 70): the group may
+                    // read the users file.
+                    "securityContext": {"fsGroup": 70},
                 },
             },
         },

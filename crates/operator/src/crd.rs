@@ -146,7 +146,7 @@ pub struct Traffic {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PgbouncerSpec {
-    /// An image that runs PgBouncer with `/etc/pgbouncer/pgbouncer.ini` as its config.
+    /// An image whose default command runs PgBouncer with `/etc/pgbouncer/pgbouncer.ini`.
     #[serde(default = "default_pgbouncer_image")]
     #[schemars(length(min = 1, max = 512))]
     pub image: String,
