@@ -12,6 +12,17 @@ use kube::api::{Api, ListParams};
 use pgshift_operator::crd::Phase;
 use serde_json::json;
 
+fn condition<'a>(
+    status: &'a pgshift_operator::crd::PostgresUpgradeStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("condition {type_} in {:?}", status.conditions))
+}
+
 fn spec(mode: &str) -> serde_json::Value {
     json!({
         "source": {"service": {"name": "db"}, "databases": [APP_DB], "credentialsSecret": "db-superuser",
@@ -66,11 +77,7 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     let status = upgrade.status.unwrap();
     assert!(status.source_version.as_deref().unwrap().starts_with("15."));
     assert!(status.target_version.as_deref().unwrap().starts_with("18."));
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition(&status, "Ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Completed")
@@ -215,11 +222,7 @@ async fn invalid_specs_are_refused_and_a_blocked_source_is_left_untouched() {
     fx.wait_for_phase("orders", Phase::Blocked, Duration::from_secs(120))
         .await;
     let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
-    let blocked = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Blocked")
-        .unwrap();
+    let blocked = condition(&status, "Blocked");
     eprintln!("Blocked: {}", blocked.message);
     assert_eq!(blocked.status, "True");
     assert!(blocked.message.contains("wal_level") && blocked.message.contains("logical"));
@@ -263,11 +266,7 @@ async fn service_mode_waits_for_approval_then_moves_clients_with_counted_errors(
         Some(Phase::ReadyForCutover),
         "it waits for approval"
     );
-    let progressing = waiting
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Progressing")
-        .unwrap();
+    let progressing = condition(&waiting, "Progressing");
     assert_eq!(progressing.reason, "AwaitingApproval");
     assert!(progressing.message.contains("approved: true"));
     let app = fx
@@ -683,11 +682,7 @@ async fn a_failing_schema_copy_reports_its_cause() {
     fx.wait_for_phase("orders", Phase::Failed, Duration::from_secs(180))
         .await;
     let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition(&status, "Ready");
     eprintln!("Ready: {} {}", ready.reason, ready.message);
     assert_eq!(ready.reason, "SchemaCopyFailed");
     assert!(
@@ -739,11 +734,7 @@ async fn apply_failures_reach_status_with_their_cause() {
     fx.wait_for_phase("orders", Phase::Failed, Duration::from_secs(60))
         .await;
     let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
-    let ready = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let ready = condition(&status, "Ready");
     eprintln!("Ready: {} {}", ready.reason, ready.message);
     assert_eq!(ready.reason, "ApplyFailing");
     assert!(

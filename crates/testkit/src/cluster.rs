@@ -53,7 +53,9 @@ pub fn kube_bin_dir() -> Result<PathBuf> {
     }
 }
 
-fn cache_dir() -> PathBuf {
+/// pgshift's cache of installed tools: `$PGSHIFT_CACHE`, else `/var/cache/pgshift` as root,
+/// else `${XDG_CACHE_HOME:-~/.cache}/pgshift` (the rule of `tools/setup.sh`).
+pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PGSHIFT_CACHE").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }

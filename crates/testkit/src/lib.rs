@@ -22,9 +22,29 @@ mod provisioner;
 mod proxy;
 mod watch;
 
-pub use cluster::{kube_bin_dir, KUBE_BIN_ENV, KUBE_VERSION};
+pub use cluster::{cache_dir, kube_bin_dir, KUBE_BIN_ENV, KUBE_VERSION};
 pub use error::{Error, Result};
 pub use kube_cluster::KubeCluster;
 pub use kubelet::NODE_NAME;
 pub use process::POD_USER;
 pub use provisioner::STORAGE_CLASS;
+
+/// Polls `check` every 250 ms until it returns `Some`, and panics naming `what` after
+/// `timeout`: tests wait for the cluster's controllers this way.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, ContainerStatus, Pod, Secret, Servic
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use pgshift_testkit::KubeCluster;
+use pgshift_testkit::{eventually, KubeCluster};
 use serde_json::json;
 
 fn init_tracing() {
@@ -27,22 +27,6 @@ async fn start() -> KubeCluster {
     let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
     eprintln!("cluster started in {:.1?}", started.elapsed());
     cluster
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, failing after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

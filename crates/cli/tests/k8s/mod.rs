@@ -11,6 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use pgshift_operator::crd::{Phase, PostgresUpgrade};
+pub use pgshift_testkit::eventually;
 use pgshift_testkit::KubeCluster;
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -59,22 +60,6 @@ pub fn init_tracing() {
 fn token() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, failing after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 impl Fixture {

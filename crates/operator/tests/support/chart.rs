@@ -41,7 +41,10 @@ pub fn chart_dir() -> PathBuf {
 pub fn helm() -> PathBuf {
     let dir = match std::env::var_os(HELM_BIN_ENV).filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => cache_dir().join("helm").join(HELM_VERSION).join("bin"),
+        None => pgshift_testkit::cache_dir()
+            .join("helm")
+            .join(HELM_VERSION)
+            .join("bin"),
     };
     let helm = dir.join("helm");
     assert!(
@@ -50,23 +53,6 @@ pub fn helm() -> PathBuf {
         helm.display()
     );
     helm
-}
-
-fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PGSHIFT_CACHE").filter(|v| !v.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return PathBuf::from("/var/cache/pgshift");
-    }
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-        })
-        .join("pgshift")
 }
 
 /// A helm command that neither reads nor writes the user's helm or kube configuration.
