@@ -626,6 +626,30 @@ async fn two_replicas_act_one_at_a_time_and_hand_over() {
         Api::namespaced(fx.client.clone(), k8s::OPERATOR_NS);
     let lease = leases.get("pgshift-operator").await.unwrap().spec.unwrap();
     assert_eq!(lease.holder_identity.as_deref(), Some("operator-b"));
+
+    // Someone else takes the lease: operator-b stops at once, with the reason.
+    let taken = json!({"spec": {
+        "holderIdentity": "intruder",
+        "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now()
+        ),
+        "leaseDurationSeconds": 3600,
+    }});
+    leases
+        .patch(
+            "pgshift-operator",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&taken),
+        )
+        .await
+        .unwrap();
+    let exit = fx.operator_exit(1, Duration::from_secs(15)).await;
+    assert!(!exit.success(), "{exit:?}");
+    assert!(
+        fx.operator_log(1).contains("lost the leader lease"),
+        "{}",
+        k8s::tail(&fx.operator_log(1), 10)
+    );
 }
 
 /// The replicas that published events about the upgrade, sorted.

@@ -36,7 +36,7 @@ pub enum OperatorError {
 }
 
 /// Runs until SIGTERM/SIGINT (then releases the lease, so a standby takes over at once) or
-/// until the lease is lost (then exits at once: another replica may be acting).
+/// until the lease is lost (then returns at once: another replica may be acting).
 pub async fn run(client: Client, options: Options) -> Result<(), OperatorError> {
     let metrics = Metrics::new();
     // Ready means alive and in contact with the API server; a standby is ready too, so that a
@@ -74,19 +74,7 @@ pub async fn run(client: Client, options: Options) -> Result<(), OperatorError> 
         ),
         metrics,
     });
-    let lost = leadership.lost();
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let _ = lost_tx.send(lost.await);
-    });
-    let (lost_signal, stop_on_loss) = tokio::sync::watch::channel(false);
-    let lost_reason = tokio::spawn(async move {
-        let reason = lost_rx.await.ok();
-        let _ = lost_signal.send(true);
-        reason
-    });
-    let mut stop_on_loss_rx = stop_on_loss.clone();
-    Controller::new(upgrades, watcher::Config::default())
+    let controller = Controller::new(upgrades, watcher::Config::default())
         .owns(
             scoped::<StatefulSet>(&client, &options.watch_namespace),
             owned.clone(),
@@ -96,29 +84,25 @@ pub async fn run(client: Client, options: Options) -> Result<(), OperatorError> 
             owned.clone(),
         )
         .owns(scoped::<Job>(&client, &options.watch_namespace), owned)
-        .graceful_shutdown_on(async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = stop_on_loss_rx.wait_for(|lost| *lost) => {}
-            }
-        })
+        // On SIGTERM, reconciles in flight finish (a cutover is not cut short) before the
+        // lease is released.
+        .graceful_shutdown_on(shutdown_signal())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!("reconcile: {error}");
             }
-        })
-        .await;
+        });
+    // A lost lease stops everything at once: dropping the controller drops the reconciles in
+    // flight at their next await, before another replica may start acting. A fence it held
+    // is recovered by the next leader, as after a crash.
+    let outcome = tokio::select! {
+        () = controller => Ok(()),
+        lost = leadership.lost() => Err(OperatorError::LostLease(lost)),
+    };
     let _ = stop_server.send(());
     let _ = server.await;
-    if *stop_on_loss.borrow() {
-        let reason = lost_reason
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(leader::Lost::Released);
-        return Err(OperatorError::LostLease(reason));
-    }
+    outcome?;
     leadership.release().await?;
     Ok(())
 }

@@ -264,6 +264,25 @@ impl Fixture {
         let _ = child.wait();
     }
 
+    /// Waits for the operator started `index`-th to exit by itself.
+    pub async fn operator_exit(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.operators[index].try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "operator {index} is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A superuser session on the source pod itself (not through any Service).
     pub async fn source_direct(&self, db: &str) -> tokio_postgres::Client {
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
