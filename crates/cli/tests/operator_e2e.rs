@@ -209,7 +209,32 @@ async fn invalid_specs_are_refused_and_a_blocked_source_is_left_untouched() {
         assert!(error.to_string().contains(message), "{field}: {error}");
     }
 
+    let server = fx.source_direct("postgres").await;
+    let data_dir: String = server
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let location = std::path::Path::new(&data_dir).with_file_name("archive-tablespace");
+    std::fs::create_dir_all(&location).unwrap();
+    let owner = std::fs::metadata(&data_dir).unwrap();
+    std::os::unix::fs::chown(
+        &location,
+        Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+        Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+    )
+    .unwrap();
+    server
+        .batch_execute(&format!(
+            "CREATE TABLESPACE archive LOCATION '{}'",
+            location.display()
+        ))
+        .await
+        .unwrap();
     let app = fx.source_direct(APP_DB).await;
+    app.batch_execute("CREATE TABLE archived (id int PRIMARY KEY) TABLESPACE archive")
+        .await
+        .unwrap();
     app.batch_execute("CREATE TABLE keyless (note text)")
         .await
         .unwrap();
@@ -229,6 +254,12 @@ async fn invalid_specs_are_refused_and_a_blocked_source_is_left_untouched() {
     assert!(blocked.message.contains("keyless"), "{}", blocked.message);
     let codes: Vec<&str> = status.blockers.iter().map(|b| b.code.as_str()).collect();
     assert!(codes.contains(&"wal_level"), "{codes:?}");
+    assert!(codes.contains(&"tablespace_missing"), "{codes:?}");
+    assert!(
+        blocked.message.contains("CREATE TABLESPACE \"archive\""),
+        "{}",
+        blocked.message
+    );
     assert!(status.blockers.iter().all(|b| !b.fix.is_empty()));
     // Still blocked a while later, and nothing changed on the source or its Service.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -670,37 +701,19 @@ async fn event_reporters(fx: &Fixture) -> Vec<String> {
     reporters
 }
 
-/// A schema copy Job that fails (here: a tablespace the target does not have) puts its cause in
-/// status and an event; nothing is half-restored.
+/// A schema copy Job that fails (here: an ICU collation, which the target's build lacks) puts its
+/// cause in status and an event; nothing is half-restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_schema_copy_reports_its_cause() {
     let mut fx = Fixture::start(15, &[]).await;
-    let server = fx.source_direct("postgres").await;
-    let data_dir: String = server
-        .query_one("SELECT current_setting('data_directory')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let location = std::path::Path::new(&data_dir).with_file_name("archive-tablespace");
-    std::fs::create_dir_all(&location).unwrap();
-    let owner = std::fs::metadata(&data_dir).unwrap();
-    std::os::unix::fs::chown(
-        &location,
-        Some(std::os::unix::fs::MetadataExt::uid(&owner)),
-        Some(std::os::unix::fs::MetadataExt::gid(&owner)),
-    )
-    .unwrap();
-    server
-        .batch_execute(&format!(
-            "CREATE TABLESPACE archive LOCATION '{}'",
-            location.display()
-        ))
-        .await
-        .unwrap();
+    // The target's build has no ICU (the embedded PostgreSQL 18); the source's has.
     let app = fx.source_direct(APP_DB).await;
-    app.batch_execute("CREATE TABLE archived (id int PRIMARY KEY) TABLESPACE archive")
-        .await
-        .unwrap();
+    app.batch_execute(
+        "CREATE COLLATION german (provider = icu, locale = 'de-DE');
+         CREATE TABLE names (id int PRIMARY KEY, name text COLLATE german);",
+    )
+    .await
+    .unwrap();
     fx.start_operator("operator-a");
     fx.apply_upgrade("orders", spec("PgBouncer")).await;
     fx.wait_for_phase("orders", Phase::Failed, Duration::from_secs(180))
@@ -709,11 +722,7 @@ async fn a_failing_schema_copy_reports_its_cause() {
     let ready = condition(&status, "Ready");
     eprintln!("Ready: {} {}", ready.reason, ready.message);
     assert_eq!(ready.reason, "SchemaCopyFailed");
-    assert!(
-        ready.message.contains("\"archive\" does not exist"),
-        "{}",
-        ready.message
-    );
+    assert!(ready.message.contains("ICU"), "{}", ready.message);
     assert!(
         ready.message.contains("nothing was kept"),
         "{}",
@@ -729,12 +738,7 @@ async fn a_failing_schema_copy_reports_its_cause() {
         .filter(|e| e.reason.as_deref() == Some("SchemaCopyFailed"))
         .filter_map(|e| e.message)
         .collect();
-    assert!(
-        failures
-            .iter()
-            .any(|m| m.contains("\"archive\" does not exist")),
-        "{failures:?}"
-    );
+    assert!(failures.iter().any(|m| m.contains("ICU")), "{failures:?}");
 }
 
 /// DDL on the source during replication breaks apply on the target: status says so with the

@@ -61,6 +61,9 @@ pub struct DatabaseFacts {
     pub extensions_missing_on_target: Vec<String>,
     /// User tables already in the target database that pgshift did not put there.
     pub foreign_tables_on_target: Vec<String>,
+    /// Tablespaces the database's tables, indexes or default use on the source that the target
+    /// server does not have: the schema restore would fail on them.
+    pub tablespaces_missing_on_target: Vec<String>,
 }
 
 /// What the client tools found at `--pg-bin-dir` (or PATH) can do.
@@ -249,6 +252,17 @@ pub fn evaluate(facts: &Facts) -> Report {
                 "move them to bytea columns, or copy them separately after the upgrade and accept they are not kept in sync".into(),
             );
         }
+        for tablespace in &db.tablespaces_missing_on_target {
+            block(
+                "tablespace_missing",
+                format!("tablespace {tablespace} (database {})", db.name),
+                "holds objects of the database on the source but does not exist on the target; the schema copy would fail".into(),
+                format!(
+                    "create a tablespace named {tablespace} on the target (CREATE TABLESPACE {} LOCATION '...'), or move the objects to pg_default on the source",
+                    crate::sql::ident(tablespace)
+                ),
+            );
+        }
         for extension in &db.extensions_missing_on_target {
             block(
                 "extension_missing",
@@ -429,7 +443,39 @@ pub async fn database_facts(
         materialized_views,
         extensions_missing_on_target,
         foreign_tables_on_target,
+        // Server-wide on the target: the caller fills them in.
+        tablespaces_missing_on_target: Vec::new(),
     })
+}
+
+/// The tablespaces a database uses besides the defaults: its own default, and those of its
+/// tables, indexes and materialized views.
+pub async fn tablespaces_used(source: &Client) -> Result<Vec<String>> {
+    Ok(source
+        .query(
+            "SELECT DISTINCT t.spcname::text FROM pg_tablespace t
+             WHERE t.spcname NOT IN ('pg_default', 'pg_global')
+               AND (t.oid IN (SELECT reltablespace FROM pg_class WHERE relkind IN ('r', 'p', 'i', 'I', 'm'))
+                    OR t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database()))
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .on(Side::Source, "listing tablespaces in use")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The tablespaces a server has.
+pub async fn tablespaces(server: &Client) -> Result<Vec<String>> {
+    Ok(server
+        .query("SELECT spcname::text FROM pg_tablespace", &[])
+        .await
+        .on(Side::Target, "listing tablespaces")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// User tables in a target database that pgshift's schema copy did not create. A target whose
@@ -549,6 +595,21 @@ mod tests {
         let report = evaluate(&f);
         assert_eq!(codes(&report), ["wal_level"]);
         assert!(report.blockers[0].fix.contains("wal_level = logical"));
+    }
+
+    #[test]
+    fn a_tablespace_the_target_lacks_blocks_with_its_name_quoted_in_the_fix() {
+        let mut f = facts();
+        f.databases[0].tablespaces_missing_on_target = vec!["Archive".into()];
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["tablespace_missing"]);
+        assert_eq!(
+            report.blockers[0].object,
+            "tablespace Archive (database app)"
+        );
+        assert!(report.blockers[0]
+            .fix
+            .contains("CREATE TABLESPACE \"Archive\" LOCATION"));
     }
 
     #[test]

@@ -210,7 +210,15 @@ impl Upgrade {
             if let Some(target_db) = &target_db {
                 resuming |= !observe::steps(target_db).await?.is_empty();
             }
-            databases.push(preflight::database_facts(&name, &source_db, target_db.as_ref()).await?);
+            let mut facts =
+                preflight::database_facts(&name, &source_db, target_db.as_ref()).await?;
+            let on_target = preflight::tablespaces(&self.target_admin).await?;
+            facts.tablespaces_missing_on_target = preflight::tablespaces_used(&source_db)
+                .await?
+                .into_iter()
+                .filter(|t| !on_target.contains(t))
+                .collect();
+            databases.push(facts);
         }
         Ok(preflight::evaluate(&Facts {
             source,
