@@ -4,12 +4,14 @@
 
 pub mod build;
 pub mod cluster;
+pub mod connect;
 pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod provision;
 pub mod reconcile;
 pub mod router;
 pub mod status;

@@ -14,16 +14,18 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, Client, Resource, ResourceExt};
 use pgshift_engine::observe::{Action as Step, Database};
-use pgshift_engine::{Endpoint, Error as EngineError, Plan, Routed, Side, Traffic, Upgrade};
+use pgshift_engine::{Error as EngineError, Upgrade};
 use serde_json::json;
 
 use crate::build;
-use crate::cluster::{self, create_if_absent, secret_value};
+use crate::cluster;
+use crate::connect::{connect, target_endpoint};
 use crate::crd::{CutoverMode, CutoverStatus, Finding, Phase, PostgresUpgrade, TrafficMode};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::names::{role, FINALIZER, ORIGINAL_ANNOTATION, POSTGRES_PORT, TARGET_SUPERUSER};
-use crate::router::{restore_clients, route_clients, ServiceRouter};
+use crate::names::{FINALIZER, ORIGINAL_ANNOTATION};
+use crate::provision::{provision_pgbouncer, provision_target, reach_source};
+use crate::router::restore_clients;
 use crate::status::Report;
 use crate::validate::{validate, Validated};
 
@@ -204,208 +206,6 @@ fn findings(list: &[pgshift_engine::preflight::Finding]) -> Vec<Finding> {
             fix: f.fix.clone(),
         })
         .collect()
-}
-
-/// With a source Service, pgshift reaches the source through a Service of its own with the
-/// same selector: the one the spec names may be the clients', which pgshift moves.
-async fn reach_source(v: &mut Validated, ctx: &Context) -> Result<()> {
-    if v.upgrade.spec.source.service.is_none() {
-        return Ok(());
-    }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    let own = create_if_absent(&services, &build::source_service(v)).await?;
-    if let Some(ip) = own.spec.and_then(|s| s.cluster_ip) {
-        v.source.host = ip;
-        v.source.port = POSTGRES_PORT as u16;
-    }
-    Ok(())
-}
-
-/// The target's Secret, Service and StatefulSet. Returns the superuser's password once the
-/// server is ready and its Service has an address.
-async fn provision_target(v: &mut Validated, ctx: &Context) -> Result<Option<String>> {
-    let ns = &v.namespace;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let secret = create_if_absent(&secrets, &build::target_secret(v, &random_password())).await?;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    let service = cluster::apply(&services, &build::target_service(v)).await?;
-    v.target_host = service.spec.and_then(|s| s.cluster_ip);
-    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
-    let set = cluster::apply(&sets, &build::target_statefulset(v)).await?;
-    let ready = set.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1;
-    Ok(match (ready, &v.target_host) {
-        (true, Some(_)) => secret_value(&secret, "password"),
-        _ => None,
-    })
-}
-
-fn random_password() -> String {
-    use rand::distributions::{Alphanumeric, DistString};
-    Alphanumeric.sample_string(&mut rand::thread_rng(), 32)
-}
-
-fn up_source(v: &Validated) -> Endpoint {
-    Endpoint::new(
-        Side::Source,
-        &v.source.host,
-        v.source.port,
-        &v.source.user,
-        "postgres",
-        Some(v.source.password.clone()),
-    )
-}
-
-fn target_endpoint(v: &Validated, password: &str) -> Endpoint {
-    Endpoint::new(
-        Side::Target,
-        v.target_host.as_deref().unwrap_or_default(),
-        POSTGRES_PORT as u16,
-        TARGET_SUPERUSER,
-        "postgres",
-        Some(pgshift_engine::Secret::new(password)),
-    )
-}
-
-/// The engine, for this upgrade: the clients' route is a Service (the route Service behind
-/// PgBouncer, or the clients' own in `Service` mode), the poolers are PgBouncer's ready pods.
-async fn connect(v: &Validated, ctx: &Context, target: Endpoint) -> Result<Upgrade> {
-    let spec = &v.upgrade.spec;
-    let source = up_source(v);
-    let (service, poolers) = match spec.traffic.mode {
-        TrafficMode::PgBouncer => (v.names.route(), pooler_consoles(v, ctx).await?),
-        TrafficMode::Service => (spec.traffic.service.clone(), Vec::new()),
-    };
-    let target_major = target_major(&target).await?;
-    let mut probe = target.clone();
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    if let Some(ip) = services
-        .get_opt(&service)
-        .await?
-        .and_then(|s| s.spec?.cluster_ip)
-    {
-        probe.host = ip;
-    }
-    let router = ServiceRouter::new(
-        ctx.client.clone(),
-        &v.namespace,
-        &service,
-        v.names.clone(),
-        probe,
-        target_major,
-    );
-    let mut plan = Plan::new(source, target);
-    plan.databases = if spec.source.databases.is_empty() {
-        pgshift_engine::Databases::All
-    } else {
-        pgshift_engine::Databases::Named(spec.source.databases.clone())
-    };
-    plan.traffic = Traffic::Routed(Box::new(Routed {
-        poolers,
-        router: Arc::new(router),
-    }));
-    plan.max_pause = v.max_pause;
-    plan.schema_tools_in_target_image = true;
-    // The operator drives one attempt per reconcile and counts them itself.
-    plan.cutover_attempts = 1;
-    let name = v.names.upgrade.clone();
-    let events: pgshift_engine::EventSink = Arc::new(move |event| {
-        tracing::debug!(upgrade = %name, ?event, "engine");
-    });
-    Ok(Upgrade::connect(plan, events).await?)
-}
-
-async fn target_major(target: &Endpoint) -> Result<i32> {
-    let client = target.connect().await?;
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| EngineError::Sql {
-            side: Side::Target,
-            context: "reading the version".into(),
-            message: e.to_string(),
-            code: None,
-        })?
-        .get(0);
-    Ok(version / 10000)
-}
-
-/// The admin consoles of PgBouncer's ready pods.
-async fn pooler_consoles(v: &Validated, ctx: &Context) -> Result<Vec<Endpoint>> {
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    let Some(password) = secrets
-        .get_opt(&v.names.pgbouncer())
-        .await?
-        .and_then(|s| secret_value(&s, "admin-password"))
-    else {
-        return Ok(Vec::new());
-    };
-    let ips = cluster::ready_pod_ips(
-        &ctx.client,
-        &v.namespace,
-        &v.names.selector(role::PGBOUNCER),
-    )
-    .await?;
-    Ok(ips
-        .into_iter()
-        .map(|ip| {
-            Endpoint::new(
-                Side::Pgbouncer,
-                &ip,
-                POSTGRES_PORT as u16,
-                build::PGBOUNCER_ADMIN,
-                "pgbouncer",
-                Some(pgshift_engine::Secret::new(password.clone())),
-            )
-        })
-        .collect())
-}
-
-/// PgBouncer in front of the source, and the clients' Service pointed at it. True once every
-/// replica is ready and the clients' Service selects them.
-async fn provision_pgbouncer(v: &Validated, ctx: &Context, report: &mut Report) -> Result<bool> {
-    let ns = &v.namespace;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    let route = create_if_absent(&services, &build::route_service(v, false)).await?;
-    let route_host = route.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    create_if_absent(
-        &secrets,
-        &build::pgbouncer_secret(v, &random_password(), v.source.password.expose()),
-    )
-    .await?;
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    cluster::apply(&maps, &build::pgbouncer_config(v, &route_host)).await?;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let deployment = cluster::apply(&deployments, &build::pgbouncer_deployment(v)).await?;
-    let wanted = v.upgrade.spec.traffic.pgbouncer.replicas;
-    let ready = deployment
-        .status
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    if ready < wanted {
-        report.phase(
-            Phase::Provisioning,
-            "PgBouncerStarting",
-            &format!("waiting for PgBouncer: {ready} of {wanted} replicas ready"),
-        );
-        return Ok(false);
-    }
-    let client_service = services.get(&v.upgrade.spec.traffic.service).await?;
-    if !client_service
-        .annotations()
-        .contains_key(ORIGINAL_ANNOTATION)
-    {
-        route_clients(&services, &client_service, &v.names, role::PGBOUNCER).await?;
-        report.event(
-            EventType::Normal,
-            "ClientsRouted",
-            &format!(
-                "Service {} now reaches the source through PgBouncer ({wanted} replicas)",
-                v.upgrade.spec.traffic.service
-            ),
-        );
-    }
-    Ok(true)
 }
 
 /// The schema of one database, by a Job that runs the target image's own tools.
