@@ -103,6 +103,20 @@ impl Error {
         matches!(self, Error::Connect { .. } | Error::PasswordInUrl { .. })
     }
 
+    /// For a creation that failed because the object exists: that is success. After a crash,
+    /// the dead run's statement can still commit on the server (a backend notices that its
+    /// client is gone only when it answers), after the new run observed the object missing.
+    pub fn made_meanwhile(self) -> Result<()> {
+        match &self {
+            // duplicate_object, duplicate_database, or the catalog's unique index when the two
+            // commits raced.
+            Error::Sql {
+                code: Some(code), ..
+            } if code == "42710" || code == "42P04" || code == "23505" => Ok(()),
+            _ => Err(self),
+        }
+    }
+
     pub fn invalid(what: impl Into<String>, problem: impl Into<String>) -> Self {
         Error::InvalidInput {
             what: what.into(),
@@ -141,5 +155,31 @@ pub fn server_message(error: &tokio_postgres::Error) -> String {
             text
         }
         None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(code: &str) -> Error {
+        Error::Sql {
+            side: Side::Target,
+            context: "creating the subscription".into(),
+            message: "already exists".into(),
+            code: Some(code.into()),
+        }
+    }
+
+    #[test]
+    fn an_object_made_meanwhile_is_success_and_other_errors_stay() {
+        for code in ["42710", "42P04", "23505"] {
+            assert!(sql(code).made_meanwhile().is_ok(), "{code}");
+        }
+        assert!(matches!(
+            sql("42501").made_meanwhile(),
+            Err(Error::Sql { code: Some(c), .. }) if c == "42501"
+        ));
+        assert!(Error::State("x".into()).made_meanwhile().is_err());
     }
 }

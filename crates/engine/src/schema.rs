@@ -103,7 +103,8 @@ pub async fn sync_roles(source: &Client, target: &Client) -> Result<usize> {
         target
             .batch_execute(&sql::create_role(&role))
             .await
-            .on(Side::Target, &format!("creating role {}", role.name))?;
+            .on(Side::Target, &format!("creating role {}", role.name))
+            .or_else(Error::made_meanwhile)?;
         created += 1;
     }
     let memberships = source
@@ -161,10 +162,16 @@ pub async fn ensure_target_database(
         .await
         .on(Side::Source, "reading the database's owner and encoding")?;
     let (owner, encoding): (String, String) = (row.get(0), row.get(1));
-    target
+    let created = target
         .batch_execute(&sql::create_database(database, &owner, &encoding))
         .await
-        .on(Side::Target, &format!("creating database {database}"))?;
+        .on(Side::Target, &format!("creating database {database}"));
+    if let Err(error) = created {
+        // A dead run's CREATE DATABASE committed meanwhile: the database is there; whether that
+        // run marked it is its business (this run did not create it).
+        error.made_meanwhile()?;
+        return Ok(false);
+    }
     target
         .batch_execute(&sql::mark_created_database(database))
         .await

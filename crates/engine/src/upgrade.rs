@@ -610,7 +610,8 @@ impl Upgrade {
                     .source
                     .batch_execute(&sql::create_publication())
                     .await
-                    .on(Side::Source, "creating the publication")?;
+                    .on(Side::Source, "creating the publication")
+                    .or_else(Error::made_meanwhile)?;
             }
             Action::CreateSlot => {
                 self.db(&name).await?;
@@ -622,7 +623,9 @@ impl Upgrade {
                         &[&db.subscription_name()],
                     )
                     .await
-                    .on(Side::Source, "creating the replication slot")?;
+                    .map(|_| ())
+                    .on(Side::Source, "creating the replication slot")
+                    .or_else(Error::made_meanwhile)?;
             }
             Action::CreateSubscription => {
                 let conninfo = self.plan.source_conninfo_for_target(&name);
@@ -637,7 +640,8 @@ impl Upgrade {
                         &conninfo,
                     ))
                     .await
-                    .on(Side::Target, "creating the subscription")?;
+                    .on(Side::Target, "creating the subscription")
+                    .or_else(Error::made_meanwhile)?;
             }
             Action::Analyze => {
                 self.enter(Phase::CatchUp);
