@@ -17,6 +17,13 @@ async fn upgrade_and_compare(source_major: u32, target_major: u32) {
     pair.source.create_database("crm").await.unwrap();
     exec(&pair.source, "shop", RICH_SCHEMA).await;
     exec(&pair.source, "crm", SECOND_DB_SCHEMA).await;
+    // A database owned by a role the target does not have yet: the role comes first.
+    exec(
+        &pair.source,
+        "postgres",
+        "CREATE ROLE shop_owner; ALTER DATABASE shop OWNER TO shop_owner",
+    )
+    .await;
 
     let mut plan = plan(&pair, "shop");
     plan.databases = Databases::Named(vec!["shop".into(), "crm".into()]);
@@ -74,6 +81,15 @@ async fn upgrade_and_compare(source_major: u32, target_major: u32) {
     assert!(row.get::<_, i64>(1) > 0, "view answers");
     assert!(row.get::<_, bool>(2), "role and grants copied");
     assert_eq!(row.get::<_, i64>(3), 1, "trigger fires on the target");
+    let owner: String = target
+        .query_one(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = 'shop'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "shop_owner", "the database keeps its owner");
 }
 
 #[tokio::test]
