@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::Api;
-use pgshift_engine::{Endpoint, Error as EngineError, Plan, Routed, Side, Traffic, Upgrade};
+use pgshift_engine::{Endpoint, Plan, Routed, Side, Traffic, Upgrade};
 
 use crate::build;
 use crate::cluster::{self, secret_value};
@@ -39,15 +39,20 @@ pub fn target_endpoint(v: &Validated, password: &str) -> Endpoint {
 }
 
 /// The engine, for this upgrade: the clients' route is a Service (the route Service behind
-/// PgBouncer, or the clients' own in `Service` mode), the poolers are PgBouncer's ready pods.
-pub async fn connect(v: &Validated, ctx: &Context, target: Endpoint) -> Result<Upgrade> {
+/// PgBouncer, or the clients' own in `Service` mode); `poolers` are the PgBouncers it pauses
+/// at the cutover ([`pooler_consoles`]).
+pub async fn connect(
+    v: &Validated,
+    ctx: &Context,
+    target: Endpoint,
+    poolers: Vec<Endpoint>,
+) -> Result<Upgrade> {
     let spec = &v.upgrade.spec;
     let source = up_source(v);
-    let (service, poolers) = match spec.traffic.mode {
-        TrafficMode::PgBouncer => (v.names.route(), pooler_consoles(v, ctx).await?),
-        TrafficMode::Service => (spec.traffic.service.clone(), Vec::new()),
+    let service = match spec.traffic.mode {
+        TrafficMode::PgBouncer => v.names.route(),
+        TrafficMode::Service => spec.traffic.service.clone(),
     };
-    let target_major = target_major(&target).await?;
     let mut probe = target.clone();
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
     if let Some(ip) = services
@@ -63,7 +68,7 @@ pub async fn connect(v: &Validated, ctx: &Context, target: Endpoint) -> Result<U
         &service,
         v.names.clone(),
         probe,
-        target_major,
+        target.clone(),
     );
     let mut plan = Plan::new(source, target);
     plan.databases = if spec.source.databases.is_empty() {
@@ -86,23 +91,11 @@ pub async fn connect(v: &Validated, ctx: &Context, target: Endpoint) -> Result<U
     Ok(Upgrade::connect(plan, events).await?)
 }
 
-async fn target_major(target: &Endpoint) -> Result<i32> {
-    let client = target.connect().await?;
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| EngineError::Sql {
-            side: Side::Target,
-            context: "reading the version".into(),
-            message: e.to_string(),
-            code: None,
-        })?
-        .get(0);
-    Ok(version / 10000)
-}
-
-/// The admin consoles of PgBouncer's ready pods.
-async fn pooler_consoles(v: &Validated, ctx: &Context) -> Result<Vec<Endpoint>> {
+/// The admin consoles of PgBouncer's ready pods (none in `Service` mode).
+pub async fn pooler_consoles(v: &Validated, ctx: &Context) -> Result<Vec<Endpoint>> {
+    if v.upgrade.spec.traffic.mode != TrafficMode::PgBouncer {
+        return Ok(Vec::new());
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
     let Some(password) = secrets
         .get_opt(&v.names.pgbouncer())

@@ -14,12 +14,12 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, Client, Resource, ResourceExt};
 use pgshift_engine::observe::{Action as Step, Database};
-use pgshift_engine::{Error as EngineError, Upgrade};
+use pgshift_engine::{Endpoint, Error as EngineError, Upgrade};
 use serde_json::json;
 
 use crate::build;
 use crate::cluster;
-use crate::connect::{connect, target_endpoint};
+use crate::connect::{connect, pooler_consoles, target_endpoint};
 use crate::crd::{CutoverMode, CutoverStatus, Finding, Phase, PostgresUpgrade, TrafficMode};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -118,7 +118,8 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         return Ok(Action::requeue(POLL));
     };
     let target_endpoint = target_endpoint(&v, &target_password);
-    let mut up = connect(&v, ctx, target_endpoint.clone()).await?;
+    let poolers = pooler_consoles(&v, ctx).await?;
+    let mut up = connect(&v, ctx, target_endpoint.clone(), poolers.clone()).await?;
     up.recover().await?;
 
     let preflight = up.preflight().await?;
@@ -142,8 +143,11 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         if !provision_pgbouncer(&v, ctx, report).await? {
             return Ok(Action::requeue(POLL));
         }
-        // The poolers are in place: the engine must pause them at the cutover.
-        up = connect(&v, ctx, target_endpoint).await?;
+        // The engine must pause exactly the replicas that are ready now.
+        let ready = pooler_consoles(&v, ctx).await?;
+        if addresses(&ready) != addresses(&poolers) {
+            up = connect(&v, ctx, target_endpoint, ready).await?;
+        }
     }
 
     if steps.iter().all(|(_, s)| *s == Step::Switched) {
@@ -188,6 +192,13 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     cut_over(upgrade, ctx, &mut up, report).await
+}
+
+fn addresses(endpoints: &[Endpoint]) -> Vec<(&str, u16)> {
+    endpoints
+        .iter()
+        .map(|e| (e.host.as_str(), e.port))
+        .collect()
 }
 
 fn is_work(step: &Step) -> bool {
@@ -479,7 +490,8 @@ async fn abort(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
             v.names.target()
         )));
     };
-    let mut up = connect(&v, ctx, target_endpoint(&v, &password)).await?;
+    let poolers = pooler_consoles(&v, ctx).await?;
+    let mut up = connect(&v, ctx, target_endpoint(&v, &password), poolers).await?;
     match up.abort().await {
         Ok(removed) => {
             report.event(

@@ -22,11 +22,11 @@ pub struct ServiceRouter {
     pub api: Api<Service>,
     pub service: String,
     pub names: Names,
-    /// The target's superuser, aimed at the Service's address: it exists on the target only
-    /// until the switch (roles are copied from the source, not to it), so a login that
-    /// reaches the target's major proves the route.
+    /// The target's superuser, aimed at the Service's address: a login through the route
+    /// that lands on a server with the target's system identifier proves the route.
     pub probe: Endpoint,
-    pub target_major: i32,
+    /// The target itself (its own Service), read once per switch for its identifier.
+    pub target: Endpoint,
 }
 
 impl ServiceRouter {
@@ -36,14 +36,14 @@ impl ServiceRouter {
         service: &str,
         names: Names,
         probe: Endpoint,
-        target_major: i32,
+        target: Endpoint,
     ) -> Self {
         ServiceRouter {
             api: Api::namespaced(client, namespace),
             service: service.to_string(),
             names,
             probe,
-            target_major,
+            target,
         }
     }
 
@@ -72,6 +72,9 @@ impl ServiceRouter {
 
     /// Waits until new connections through the Service reach the target's server.
     async fn confirm(&self) -> Result<(), Error> {
+        let target = system_identifier(&self.target).await.ok_or_else(|| {
+            Error::Route("cannot read the target's system identifier".to_string())
+        })?;
         let started = Instant::now();
         let mut in_a_row = 0;
         while in_a_row < CONFIRMATIONS {
@@ -81,28 +84,30 @@ impl ServiceRouter {
                     self.service
                 )));
             }
-            in_a_row = match self.reaches_target().await {
-                true => in_a_row + 1,
-                false => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    0
-                }
-            };
+            in_a_row =
+                match system_identifier(&self.probe).await.as_deref() == Some(target.as_str()) {
+                    true => in_a_row + 1,
+                    false => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        0
+                    }
+                };
         }
         Ok(())
     }
+}
 
-    async fn reaches_target(&self) -> bool {
-        let Ok(client) = self.probe.connect().await else {
-            return false;
-        };
-        let version: Option<i32> = client
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .ok()
-            .map(|row| row.get(0));
-        version.map(|v| v / 10000) == Some(self.target_major)
-    }
+/// The server's system identifier (unique per cluster), or None when it cannot be reached.
+async fn system_identifier(endpoint: &Endpoint) -> Option<String> {
+    let client = endpoint.connect().await.ok()?;
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .ok()?;
+    Some(row.get(0))
 }
 
 impl Router for ServiceRouter {
