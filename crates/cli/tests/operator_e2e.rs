@@ -6,7 +6,7 @@ mod k8s;
 
 use std::time::Duration;
 
-use k8s::{Fixture, APP_DB, APP_USER};
+use k8s::{Fixture, APP_DB};
 use k8s_openapi::api::core::v1::Event;
 use kube::api::{Api, ListParams};
 use pgshift_operator::crd::Phase;
@@ -50,16 +50,12 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     let report = ledger.stop().await;
     eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
 
-    let app = fx
-        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
-        .await
-        .expect("the clients' Service answers");
-    let version: i32 = app
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version / 10000, 18, "the clients' Service reaches 18");
+    let app = fx.app().await;
+    assert_eq!(
+        k8s::major(&app).await,
+        18,
+        "the clients' Service reaches 18"
+    );
     let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
         .await
         .unwrap();
@@ -300,16 +296,12 @@ async fn service_mode_waits_for_approval_then_moves_clients_with_counted_errors(
     let progressing = condition(&waiting, "Progressing");
     assert_eq!(progressing.reason, "AwaitingApproval");
     assert!(progressing.message.contains("approved: true"));
-    let app = fx
-        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
-        .await
-        .unwrap();
-    let version: i32 = app
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version / 10000, 15, "clients are still on the source");
+    let app = fx.app().await;
+    assert_eq!(
+        k8s::major(&app).await,
+        15,
+        "clients are still on the source"
+    );
 
     manual["cutover"]["approved"] = json!(true);
     fx.apply_upgrade("orders", manual).await;
@@ -318,16 +310,8 @@ async fn service_mode_waits_for_approval_then_moves_clients_with_counted_errors(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = ledger.stop().await;
     eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
-    let app = fx
-        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
-        .await
-        .unwrap();
-    let version: i32 = app
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version / 10000, 18, "the Service reaches the target");
+    let app = fx.app().await;
+    assert_eq!(k8s::major(&app).await, 18, "the Service reaches the target");
     let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
         .await
         .unwrap();
@@ -619,10 +603,7 @@ async fn a_killed_operator_resumes_in_every_phase() {
     );
     let report = ledger.stop().await;
     eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
-    let app = fx
-        .connect(APP_USER, &fx.app_password.clone(), APP_DB)
-        .await
-        .unwrap();
+    let app = fx.app().await;
     let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
         .await
         .unwrap();

@@ -6,7 +6,6 @@
 mod chart;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
@@ -506,22 +505,8 @@ fn values_change_what_they_say() {
 
 // --- Against a real API server -------------------------------------------------------------
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgshift_testkit=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 async fn start() -> KubeCluster {
-    init_tracing();
-    let started = Instant::now();
-    let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("cluster started in {:.1?}", started.elapsed());
-    cluster
+    KubeCluster::start_for_test().await
 }
 
 /// A client that authenticates as the admin and acts as `user` (Impersonate-User).

@@ -5,26 +5,15 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use pgshift_operator::leader::{hold, LeaderError, LeaseConfig, Lost};
+use pgshift_operator::leader::{hold, LeaderError, Leadership, LeaseConfig, Lost};
 use pgshift_testkit::KubeCluster;
 
 const LEASE: &str = "pgshift-operator";
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgshift_operator=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 async fn start() -> KubeCluster {
-    init_tracing();
-    KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"))
+    KubeCluster::start_for_test().await
 }
 
 fn config(identity: &str) -> LeaseConfig {
@@ -125,6 +114,27 @@ async fn a_killed_holder_is_replaced_after_the_lease_expires() {
     assert_eq!(lease_state(&leases).await.0.as_deref(), Some("intruder"));
 }
 
+type Contender = Option<tokio::task::JoinHandle<Result<Leadership, LeaderError>>>;
+
+/// The first contender to hold the lease (taken out of `contenders`), with its index; fails
+/// when none does within three lease durations of `since`.
+async fn next_winner(contenders: &mut [Contender], since: Instant) -> (usize, Leadership) {
+    loop {
+        let done = contenders
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.is_finished()));
+        if let Some(index) = done {
+            let leadership = contenders[index].take().unwrap().await.unwrap().unwrap();
+            return (index, leadership);
+        }
+        assert!(
+            since.elapsed() < LEASE_DURATION * 3,
+            "no contender took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_lease_goes_to_a_standby_at_once_and_only_one_wins() {
     let cluster = start().await;
@@ -134,18 +144,7 @@ async fn a_released_lease_goes_to_a_standby_at_once_and_only_one_wins() {
     // Three contenders start together: exactly one wins.
     let mut contenders = ["replica-a", "replica-b", "replica-c"]
         .map(|identity| Some(tokio::spawn(hold(client.clone(), config(identity)))));
-    let (first, mut leader) = loop {
-        let done = contenders
-            .iter()
-            .position(|c| c.as_ref().is_some_and(|c| c.is_finished()));
-        if let Some(index) = done {
-            break (
-                index,
-                contenders[index].take().unwrap().await.unwrap().unwrap(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (first, mut leader) = next_winner(&mut contenders, Instant::now()).await;
     tokio::time::sleep(LEASE_DURATION).await;
     assert!(
         contenders.iter().flatten().all(|c| !c.is_finished()),
@@ -162,22 +161,7 @@ async fn a_released_lease_goes_to_a_standby_at_once_and_only_one_wins() {
         let released = Instant::now();
         let previous = leader.identity().to_string();
         leader.release().await.unwrap();
-        let (index, next) = loop {
-            let done = contenders
-                .iter()
-                .position(|c| c.as_ref().is_some_and(|c| c.is_finished()));
-            if let Some(index) = done {
-                break (
-                    index,
-                    contenders[index].take().unwrap().await.unwrap().unwrap(),
-                );
-            }
-            assert!(
-                released.elapsed() < LEASE_DURATION * 3,
-                "no standby took over"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let (index, next) = next_winner(&mut contenders, released).await;
         let handover = released.elapsed();
         eprintln!(
             "released by {previous}: {} took over after {handover:.2?}",

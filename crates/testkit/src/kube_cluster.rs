@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+
 use crate::cluster::ControlPlane;
 use crate::error::{Error, Result};
 use crate::kubelet::{self, ProcessTable};
@@ -41,6 +44,18 @@ impl std::fmt::Debug for KubeCluster {
             .field("work_dir", &self.work_dir())
             .finish_non_exhaustive()
     }
+}
+
+/// Logs the test kit (and pgshift's operator) to the running test's output; `RUST_LOG`
+/// overrides the filter. Later calls do nothing.
+pub fn init_test_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pgshift_testkit=info,pgshift_operator=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 impl KubeCluster {
@@ -85,6 +100,38 @@ impl KubeCluster {
             .await?;
         tracing::info!(elapsed = ?started.elapsed(), server = %cluster.server(), "cluster ready");
         Ok(cluster)
+    }
+
+    /// For tests: [`init_test_tracing`], then a cluster; panics with the reason when it cannot
+    /// start.
+    pub async fn start_for_test() -> KubeCluster {
+        init_test_tracing();
+        let started = Instant::now();
+        let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("cluster started in {:.1?}", started.elapsed());
+        cluster
+    }
+
+    /// Creates a CustomResourceDefinition and waits until the API server serves it.
+    pub async fn install_crd(&self, crd: &CustomResourceDefinition) -> Result<()> {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        crds.create(&PostParams::default(), crd)
+            .await
+            .map_err(|e| Error::kube("cannot create the CustomResourceDefinition", e))?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        self.cp()
+            .wait_until(&format!("CRD {name} to be established"), || async {
+                crds.get(&name)
+                    .await
+                    .ok()
+                    .and_then(|crd| crd.status?.conditions)
+                    .is_some_and(|conditions| {
+                        conditions
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    })
+            })
+            .await
     }
 
     /// A client authenticated as the cluster admin (group `system:masters`).

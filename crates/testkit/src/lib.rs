@@ -24,7 +24,7 @@ mod watch;
 
 pub use cluster::{cache_dir, kube_bin_dir, KUBE_BIN_ENV, KUBE_VERSION};
 pub use error::{Error, Result};
-pub use kube_cluster::KubeCluster;
+pub use kube_cluster::{init_test_tracing, KubeCluster};
 pub use kubelet::NODE_NAME;
 pub use process::POD_USER;
 pub use provisioner::STORAGE_CLASS;

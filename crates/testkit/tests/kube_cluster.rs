@@ -11,22 +11,8 @@ use kube::core::{ApiResource, GroupVersionKind};
 use pgshift_testkit::{eventually, KubeCluster};
 use serde_json::json;
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgshift_testkit=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 async fn start() -> KubeCluster {
-    init_tracing();
-    let started = Instant::now();
-    let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("cluster started in {:.1?}", started.elapsed());
-    cluster
+    KubeCluster::start_for_test().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +22,6 @@ async fn crd_schema_rejects_an_invalid_object() {
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(version.git_version, pgshift_testkit::KUBE_VERSION);
 
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd: CustomResourceDefinition = serde_json::from_value(json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -59,19 +44,7 @@ async fn crd_schema_rejects_an_invalid_object() {
         }
     }))
     .unwrap();
-    crds.create(&PostParams::default(), &crd).await.unwrap();
-    eventually("the CRD to be established", Duration::from_secs(30), || {
-        let crds = crds.clone();
-        async move {
-            let crd = crds.get("upgrades.pgshift.dev").await.ok()?;
-            crd.status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.install_crd(&crd).await.unwrap();
 
     let resource =
         ApiResource::from_gvk(&GroupVersionKind::gvk("pgshift.dev", "v1alpha1", "Upgrade"));
@@ -898,7 +871,7 @@ const DYING_HELPER_ENV: &str = "PGSHIFT_TESTKIT_DYING_HELPER";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_test_process_stops_its_cluster() {
     use tokio::io::AsyncBufReadExt;
-    init_tracing();
+    pgshift_testkit::init_test_tracing();
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",

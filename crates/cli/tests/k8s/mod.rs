@@ -47,16 +47,6 @@ impl Drop for Fixture {
     }
 }
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "pgshift_testkit=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 fn token() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
@@ -66,8 +56,7 @@ impl Fixture {
     /// A cluster with the CRD installed and a `postgres:<major>` source (`db`) holding the
     /// ledger in database `app`, owned by role `app`.
     pub async fn start(source_major: u32, source_args: &[&str]) -> Fixture {
-        init_tracing();
-        let cluster = KubeCluster::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let cluster = KubeCluster::start_for_test().await;
         let client = cluster.client();
         let operator_user = chart::install_rbac(client.clone(), OPERATOR_NS).await;
         let fixture = Fixture {
@@ -85,25 +74,12 @@ impl Fixture {
     }
 
     async fn install_crd(&self) {
-        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let yaml = std::fs::read_to_string(
             repo_root().join("deploy/crds/postgresupgrades.pgshift.io.yaml"),
         )
         .expect("deploy/crds holds the CRD");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-        eventually("the CRD to be established", Duration::from_secs(30), || {
-            let crds = crds.clone();
-            async move {
-                let crd = crds.get("postgresupgrades.pgshift.io").await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            }
-        })
-        .await;
+        self.cluster.install_crd(&crd).await.unwrap();
     }
 
     async fn start_source(&self, major: u32, extra_args: &[&str]) {
@@ -188,11 +164,7 @@ impl Fixture {
             .batch_execute(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))
             .await
             .unwrap();
-        let app = self
-            .connect(APP_USER, &self.app_password, APP_DB)
-            .await
-            .unwrap();
-        pgshift_lab::ledger::Ledger::install(&app, 100)
+        pgshift_lab::ledger::Ledger::install(&self.app().await, 100)
             .await
             .unwrap();
     }
@@ -228,6 +200,13 @@ impl Fixture {
         let (client, connection) = config.connect(NoTls).await.ok()?;
         tokio::spawn(connection);
         Some(client)
+    }
+
+    /// The application's session through the `db` Service.
+    pub async fn app(&self) -> tokio_postgres::Client {
+        self.connect(APP_USER, &self.app_password, APP_DB)
+            .await
+            .expect("the clients' Service answers")
     }
 
     /// Ledger clients through the `db` Service, recycling their connections every second as
@@ -517,6 +496,16 @@ pub fn render_table(table: &serde_json::Value) -> String {
         .chain(rows.iter().map(|r| line(r)))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The major version of the server a session is on.
+pub async fn major(client: &tokio_postgres::Client) -> i32 {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    version / 10000
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
