@@ -27,7 +27,7 @@ pub use ledger::{
     Verification,
 };
 pub use pgpass::{write_pgpass, write_pgpass_entries, PgpassEntry};
-pub use process::LAB_USER;
+pub use process::{log_tail, Identity, LAB_USER};
 pub use server::{PgServer, ServerInfo, ServerOptions, DEFAULT_SETTINGS, SUPERUSER};
 
 /// Every lab endpoint listens here, and only here.

@@ -20,7 +20,7 @@ pub const LAB_USER: &str = "pgshift";
 
 /// Who lab processes run as: the current user, or [`LAB_USER`] when running as root.
 #[derive(Debug, Clone)]
-pub(crate) struct Identity {
+pub struct Identity {
     uid: u32,
     gid: u32,
     name: String,
@@ -30,7 +30,7 @@ pub(crate) struct Identity {
 
 impl Identity {
     /// The identity for servers: [`LAB_USER`] as root, else ourselves.
-    pub(crate) fn for_servers() -> Result<Identity> {
+    pub fn for_servers() -> Result<Identity> {
         // SAFETY: geteuid/getegid have no preconditions and cannot fail.
         let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
         if euid != 0 {
@@ -53,14 +53,14 @@ impl Identity {
     }
 
     /// Makes `cmd` run as this identity.
-    pub(crate) fn apply(&self, cmd: &mut Command) {
+    pub fn apply(&self, cmd: &mut Command) {
         if self.switch {
             cmd.uid(self.uid).gid(self.gid);
         }
     }
 
     /// Gives `path` to this identity (a no-op unless switching users).
-    pub(crate) fn own(&self, path: &Path) -> Result<()> {
+    pub fn own(&self, path: &Path) -> Result<()> {
         if self.switch {
             std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
                 .map_err(|e| Error::io(format!("cannot chown {}", path.display()), e))?;
@@ -232,7 +232,7 @@ pub(crate) fn clean_env(cmd: &mut Command) {
 }
 
 /// The last `lines` lines of a log file (lossy UTF-8), or a note that it cannot be read.
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);

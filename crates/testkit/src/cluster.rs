@@ -18,7 +18,8 @@ use kube::Api;
 use crate::error::{Error, Result};
 use crate::net::{free_port, Subnets};
 use crate::pki::{self, CertFiles, Pki};
-use crate::process::{log_tail, Process};
+use crate::process::Process;
+use pgshift_lab::log_tail;
 
 /// The Kubernetes release `tools/kube/build.sh` builds; the tests expect exactly it.
 pub const KUBE_VERSION: &str = "v1.36.4";

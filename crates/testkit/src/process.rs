@@ -9,18 +9,14 @@
 //! (`waitid(WNOWAIT)`), so the child's pid — and with it its process group id — stays reserved
 //! until the group has been killed: a group kill can never hit a recycled pid.
 
-use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-
-use crate::error::{Error, Result};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,86 +244,3 @@ fn wait_no_reap(pid: libc::pid_t) -> Exit {
 
 /// The user PostgreSQL and PgBouncer run as when the tests run as root (they refuse root).
 pub const POD_USER: &str = pgshift_lab::LAB_USER;
-
-/// Who pod processes run as.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RunAs {
-    uid: u32,
-    gid: u32,
-    /// True when processes must switch to `uid`/`gid` (the tests run as root).
-    switch: bool,
-}
-
-impl RunAs {
-    /// [`POD_USER`] as root, else the current user.
-    pub(crate) fn for_pods() -> Result<RunAs> {
-        // SAFETY: geteuid/getegid have no preconditions.
-        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        if euid != 0 {
-            return Ok(RunAs {
-                uid: euid,
-                gid: egid,
-                switch: false,
-            });
-        }
-        let (uid, gid) = lookup_user(POD_USER)?;
-        Ok(RunAs {
-            uid,
-            gid,
-            switch: true,
-        })
-    }
-
-    pub(crate) fn apply(&self, cmd: &mut Command) {
-        if self.switch {
-            // std also drops root's supplementary groups when it switches the uid.
-            cmd.uid(self.uid).gid(self.gid);
-        }
-    }
-
-    /// Gives `path` to this user (as a pod's `fsGroup` would).
-    pub(crate) fn own(&self, path: &Path) -> Result<()> {
-        if self.switch {
-            std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
-                .map_err(|e| Error::io(format!("cannot chown {}", path.display()), e))?;
-        }
-        Ok(())
-    }
-}
-
-fn lookup_user(name: &str) -> Result<(u32, u32)> {
-    let not_found = || Error::UserNotFound {
-        user: name.to_string(),
-    };
-    let cname = CString::new(name).map_err(|_| not_found())?;
-    let mut buf = vec![0 as libc::c_char; 64 * 1024];
-    // SAFETY: an all-zero passwd is a valid out-parameter.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the given lengths; we only read integer fields.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return Err(not_found());
-    }
-    Ok((pwd.pw_uid, pwd.pw_gid))
-}
-
-/// The last `lines` lines of a log file.
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
-    }
-}

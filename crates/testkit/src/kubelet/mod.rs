@@ -25,9 +25,10 @@ use kube::{Api, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::net::Subnets;
-use crate::process::{Process, RunAs};
+use crate::process::{Process, POD_USER};
 
 pub(crate) use node::is_schedulable;
 
@@ -42,7 +43,8 @@ pub(crate) struct Ctx {
     pub(crate) pods_dir: PathBuf,
     /// `<work>/logs/pods`: each container's output, kept after the pod is gone.
     pub(crate) logs_dir: PathBuf,
-    pub(crate) run_as: RunAs,
+    /// [`POD_USER`] as root, else the current user (the lab's rule for its servers).
+    pub(crate) run_as: pgshift_lab::Identity,
     /// The PostgreSQL binaries, or why they cannot be used.
     pub(crate) binaries: std::result::Result<pgshift_lab::Binaries, String>,
     pub(crate) processes: Arc<ProcessTable>,
@@ -61,7 +63,15 @@ impl Ctx {
             subnets,
             pods_dir: work.join("pods"),
             logs_dir: work.join("logs").join("pods"),
-            run_as: RunAs::for_pods()?,
+            run_as: pgshift_lab::Identity::for_servers().map_err(|e| match e {
+                pgshift_lab::Error::UserNotFound { .. } => Error::UserNotFound {
+                    user: POD_USER.to_string(),
+                },
+                other => Error::io(
+                    "cannot look up the pods' user",
+                    std::io::Error::other(other.to_string()),
+                ),
+            })?,
             binaries: pgshift_lab::Binaries::locate().map_err(|e| e.to_string()),
             processes,
             next_pod_dir: AtomicU32::new(1),

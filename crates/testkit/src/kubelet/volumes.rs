@@ -183,16 +183,10 @@ async fn config_map_files(
     optional: bool,
     files: &mut Vec<File>,
 ) -> Result<(), String> {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
     let what = format!("configmap {namespace}/{name}");
-    match api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("cannot read {what}: {e}"))?
-    {
-        None if optional => Ok(()),
-        None => Err(format!("{what} not found")),
-        Some(cm) => {
+    let data = fetch::<ConfigMap>(ctx, namespace, name, &what)
+        .await?
+        .map(|cm| {
             let mut data: HashMap<String, Vec<u8>> = cm
                 .data
                 .unwrap_or_default()
@@ -205,9 +199,9 @@ async fn config_map_files(
                     .into_iter()
                     .map(|(k, v)| (k, v.0)),
             );
-            pick(data, items, mode, &what, files)
-        }
-    }
+            data
+        });
+    pick_if_found(data, optional, items, mode, &what, files)
 }
 
 async fn secret_files(
@@ -219,24 +213,47 @@ async fn secret_files(
     optional: bool,
     files: &mut Vec<File>,
 ) -> Result<(), String> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let what = format!("secret {namespace}/{name}");
-    match api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("cannot read {what}: {e}"))?
-    {
-        None if optional => Ok(()),
-        None => Err(format!("{what} not found")),
-        Some(secret) => {
-            let data = secret
+    let data = fetch::<Secret>(ctx, namespace, name, &what)
+        .await?
+        .map(|secret| {
+            secret
                 .data
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| (k, v.0))
-                .collect();
-            pick(data, items, mode, &what, files)
-        }
+                .collect()
+        });
+    pick_if_found(data, optional, items, mode, &what, files)
+}
+
+/// A ConfigMap or Secret the pod mounts (`what` names it in errors); `None` when absent.
+async fn fetch<K>(ctx: &Ctx, namespace: &str, name: &str, what: &str) -> Result<Option<K>, String>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    Api::<K>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("cannot read {what}: {e}"))
+}
+
+/// [`pick`] from a source that may be absent: fine when the volume marks it optional.
+fn pick_if_found(
+    data: Option<HashMap<String, Vec<u8>>>,
+    optional: bool,
+    items: &Option<Vec<KeyToPath>>,
+    mode: i32,
+    what: &str,
+    files: &mut Vec<File>,
+) -> Result<(), String> {
+    match data {
+        None if optional => Ok(()),
+        None => Err(format!("{what} not found")),
+        Some(data) => pick(data, items, mode, what, files),
     }
 }
 
