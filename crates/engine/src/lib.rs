@@ -15,6 +15,7 @@ pub mod pgbouncer;
 pub mod plan;
 pub mod preflight;
 pub mod schema;
+pub mod session;
 pub mod sql;
 pub mod upgrade;
 

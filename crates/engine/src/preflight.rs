@@ -6,6 +6,8 @@ use tokio_postgres::Client;
 
 use crate::error::{Result, Side, SqlContext};
 use crate::names;
+use crate::schema::Tools;
+use crate::upgrade::Upgrade;
 
 /// A problem found, the object it concerns and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -309,6 +311,81 @@ pub fn evaluate(facts: &Facts) -> Report {
         blockers,
         warnings,
     }
+}
+
+/// Reads every fact preflight judges, from both servers and the local tools; changes nothing.
+pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
+    let source = server_facts(&up.source_admin, Side::Source).await?;
+    let target = server_facts(&up.target_admin, Side::Target).await?;
+    let local_tools = if up.plan.schema_tools_in_target_image {
+        None
+    } else {
+        Tools::locate(up.plan.pg_bin_dir.as_deref())
+    };
+    let tools = match local_tools {
+        None if up.plan.schema_tools_in_target_image => ToolFacts {
+            pg_dump: Some(target.version.clone()),
+            pg_dump_major: Some(target.major()),
+            psql_found: true,
+        },
+        Some(tools) => {
+            let version = tools.pg_dump_version().await.ok();
+            ToolFacts {
+                pg_dump: version.as_ref().map(|(v, _)| v.clone()),
+                pg_dump_major: version.map(|(_, m)| m),
+                psql_found: tools.psql.is_file(),
+            }
+        }
+        None => ToolFacts {
+            pg_dump: None,
+            pg_dump_major: None,
+            psql_found: false,
+        },
+    };
+    let mut databases = Vec::new();
+    let mut resuming = false;
+    for name in up.databases.clone() {
+        let exists: bool = up
+            .source_admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&name],
+            )
+            .await
+            .on(Side::Source, "looking for the database")?
+            .get(0);
+        if !exists {
+            databases.push(DatabaseFacts {
+                name,
+                exists_on_source: false,
+                ..Default::default()
+            });
+            continue;
+        }
+        let source_db = up.plan.source.with_dbname(&name).connect().await?;
+        let target_db = match up.target_database_exists(&name).await? {
+            true => Some(up.plan.target.with_dbname(&name).connect().await?),
+            false => None,
+        };
+        if let Some(target_db) = &target_db {
+            resuming |= !crate::observe::steps(target_db).await?.is_empty();
+        }
+        let mut facts = database_facts(&name, &source_db, target_db.as_ref()).await?;
+        let on_target = tablespaces(&up.target_admin).await?;
+        facts.tablespaces_missing_on_target = tablespaces_used(&source_db)
+            .await?
+            .into_iter()
+            .filter(|t| !on_target.contains(t))
+            .collect();
+        databases.push(facts);
+    }
+    Ok(Facts {
+        source,
+        target,
+        tools,
+        databases,
+        resuming,
+    })
 }
 
 /// Reads the server-wide facts of one side.

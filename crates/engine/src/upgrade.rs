@@ -9,14 +9,14 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::cutover::{self, CutoverReport};
-use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::{Event, EventSink, Phase};
 use crate::names::{self, step};
 use crate::observe::{self, Action, Database};
 use crate::plan::{CutoverMode, Databases, Plan};
-use crate::preflight::{self, Facts, Report, ToolFacts};
+use crate::preflight::{self, Report};
 use crate::schema::{self, Tools};
+use crate::session::open;
 use crate::sql;
 
 /// Where pgshift's server-wide session on the target lives.
@@ -71,22 +71,6 @@ pub struct Upgrade {
     pub(crate) own_source_pids: Vec<i32>,
     phases: Vec<PhaseTiming>,
     current_phase: Option<(Phase, Instant)>,
-}
-
-/// Opens a pgshift session: writes are allowed in it even where the database is read-only.
-pub(crate) async fn open(endpoint: &Endpoint) -> Result<(Client, i32)> {
-    let client = endpoint.connect().await?;
-    let pid = client
-        .simple_query("SET default_transaction_read_only = off; SELECT pg_backend_pid()")
-        .await
-        .on(endpoint.side, "preparing the session")?
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).and_then(|p| p.parse().ok()),
-            _ => None,
-        })
-        .unwrap_or_default();
-    Ok((client, pid))
 }
 
 impl Upgrade {
@@ -155,81 +139,10 @@ impl Upgrade {
 
     /// Preflight: read-only checks; changes nothing.
     pub async fn preflight(&mut self) -> Result<Report> {
-        let source = preflight::server_facts(&self.source_admin, Side::Source).await?;
-        let target = preflight::server_facts(&self.target_admin, Side::Target).await?;
-        let local_tools = if self.plan.schema_tools_in_target_image {
-            None
-        } else {
-            Tools::locate(self.plan.pg_bin_dir.as_deref())
-        };
-        let tools = match local_tools {
-            None if self.plan.schema_tools_in_target_image => ToolFacts {
-                pg_dump: Some(target.version.clone()),
-                pg_dump_major: Some(target.major()),
-                psql_found: true,
-            },
-            Some(tools) => {
-                let version = tools.pg_dump_version().await.ok();
-                ToolFacts {
-                    pg_dump: version.as_ref().map(|(v, _)| v.clone()),
-                    pg_dump_major: version.map(|(_, m)| m),
-                    psql_found: tools.psql.is_file(),
-                }
-            }
-            None => ToolFacts {
-                pg_dump: None,
-                pg_dump_major: None,
-                psql_found: false,
-            },
-        };
-        let mut databases = Vec::new();
-        let mut resuming = false;
-        for name in self.databases.clone() {
-            let exists: bool = self
-                .source_admin
-                .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-                    &[&name],
-                )
-                .await
-                .on(Side::Source, "looking for the database")?
-                .get(0);
-            if !exists {
-                databases.push(preflight::DatabaseFacts {
-                    name,
-                    exists_on_source: false,
-                    ..Default::default()
-                });
-                continue;
-            }
-            let source_db = self.plan.source.with_dbname(&name).connect().await?;
-            let target_db = match self.target_database_exists(&name).await? {
-                true => Some(self.plan.target.with_dbname(&name).connect().await?),
-                false => None,
-            };
-            if let Some(target_db) = &target_db {
-                resuming |= !observe::steps(target_db).await?.is_empty();
-            }
-            let mut facts =
-                preflight::database_facts(&name, &source_db, target_db.as_ref()).await?;
-            let on_target = preflight::tablespaces(&self.target_admin).await?;
-            facts.tablespaces_missing_on_target = preflight::tablespaces_used(&source_db)
-                .await?
-                .into_iter()
-                .filter(|t| !on_target.contains(t))
-                .collect();
-            databases.push(facts);
-        }
-        Ok(preflight::evaluate(&Facts {
-            source,
-            target,
-            tools,
-            databases,
-            resuming,
-        }))
+        Ok(preflight::evaluate(&preflight::gather(self).await?))
     }
 
-    async fn target_database_exists(&self, name: &str) -> Result<bool> {
+    pub(crate) async fn target_database_exists(&self, name: &str) -> Result<bool> {
         Ok(self
             .target_admin
             .query_one(
