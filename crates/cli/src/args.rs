@@ -42,6 +42,9 @@ pub enum Command {
     Operator(OperatorArgs),
     /// Print the PostgresUpgrade CustomResourceDefinition (YAML), for `kubectl apply -f -`.
     Crd,
+    /// The fence guard that a cutover starts (reads its plan from stdin); not for people.
+    #[command(name = "__fence-guard", hide = true)]
+    FenceGuard,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -160,6 +160,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     plan.pg_bin_dir = Some(target.bin_dir().to_path_buf());
     plan.max_pause = args.cutover.max_pause;
+    plan.command = "demo".into();
+    plan.fence_guard = std::env::current_exe().ok();
     if !args.direct {
         let admin = Endpoint::new(
             Side::Pgbouncer,

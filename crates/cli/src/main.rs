@@ -57,7 +57,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check(common) => check(common).await,
         Command::Run(args) => {
-            let mut plan = plan(&args.common)?;
+            let mut plan = plan(&args.common, "run")?;
             plan.max_pause = args.cutover.max_pause;
             plan.cutover = match args.cutover_mode {
                 CutoverWhen::Auto => CutoverMode::Automatic,
@@ -78,7 +78,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Status(common) => {
             let mut upgrade =
-                Upgrade::connect(plan(&common)?, pgshift_engine::events::discard()).await?;
+                Upgrade::observer(plan(&common, "status")?, pgshift_engine::events::discard())
+                    .await?;
             let status = upgrade.status().await?;
             if common.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -88,7 +89,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cutover(args) => {
-            let mut plan = plan(&args.common)?;
+            let mut plan = plan(&args.common, "cutover")?;
             plan.max_pause = args.cutover.max_pause;
             let progress = progress::Progress::new(args.common.json);
             let mut upgrade = Upgrade::connect(plan, progress.sink()).await?;
@@ -107,14 +108,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Abort(common) => {
             let mut upgrade =
-                Upgrade::connect(plan(&common)?, pgshift_engine::events::discard()).await?;
+                Upgrade::connect(plan(&common, "abort")?, pgshift_engine::events::discard())
+                    .await?;
             let removed = upgrade.abort().await?;
             print_removed(&removed, common.json, "aborted")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cleanup(common) => {
             let mut upgrade =
-                Upgrade::connect(plan(&common)?, pgshift_engine::events::discard()).await?;
+                Upgrade::connect(plan(&common, "cleanup")?, pgshift_engine::events::discard())
+                    .await?;
             let removed = upgrade.cleanup().await?;
             print_removed(&removed, common.json, "cleaned up")?;
             Ok(ExitCode::SUCCESS)
@@ -125,11 +128,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", pgshift_operator::crd::crd_yaml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::FenceGuard => {
+            pgshift_engine::guard::serve().await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 async fn check(common: Common) -> anyhow::Result<ExitCode> {
-    let mut upgrade = Upgrade::connect(plan(&common)?, pgshift_engine::events::discard()).await?;
+    let mut upgrade =
+        Upgrade::observer(plan(&common, "check")?, pgshift_engine::events::discard()).await?;
     let report = upgrade.preflight().await?;
     if common.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -170,12 +178,18 @@ fn print_removed(
     Ok(())
 }
 
-/// Builds the engine's plan from the arguments; passwords come from files or the environment.
-pub fn plan(common: &Common) -> anyhow::Result<Plan> {
+/// Builds the engine's plan for `command` from the arguments; passwords come from files or the
+/// environment. Cutovers run a fence guard: this binary's hidden `__fence-guard` command.
+pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     let passwords = PasswordSources::from_env(common.password_file.clone());
     let source = Endpoint::parse(Side::Source, &common.source, &passwords)?;
     let target = Endpoint::parse(Side::Target, &common.target, &passwords)?;
     let mut plan = Plan::new(source, target);
+    plan.command = command.to_string();
+    plan.fence_guard = Some(
+        std::env::current_exe()
+            .context("cannot find pgshift's own binary, which runs the fence guard")?,
+    );
     plan.databases = if common.all_databases {
         Databases::All
     } else if !common.databases.is_empty() {

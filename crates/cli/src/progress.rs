@@ -159,14 +159,44 @@ pub fn render_outcome(outcome: &Outcome) -> String {
 
 pub fn render_status(status: &Status) -> String {
     let mut out = format!("phase: {}\n", status.phase.name());
+    if let Some(holder) = &status.held_by {
+        out.push_str(&format!("in progress: {holder}\n"));
+    }
+    if let Some(fence) = &status.fence {
+        out.push_str(&format!(
+            "fence up since {}, raised by {}\n",
+            fence.since, fence.raised_by
+        ));
+        match &fence.guard {
+            Some(guard) => out.push_str(&format!(
+                "  its guard releases the clients if that process dies: {guard}\n"
+            )),
+            None if status.held_by.is_none() => out.push_str(
+                "  nobody holds it any more (the process and its guard are gone): run `pgshift run` or `pgshift cutover` to release the clients or finish the switch\n",
+            ),
+            None => {}
+        }
+    }
     for db in &status.databases {
         let d = &db.database;
-        out.push_str(&format!(
-            "database {}: {} (next: {})\n",
-            d.name,
-            db.phase.name(),
-            db.next
-        ));
+        match &d.switched_at {
+            Some(at) => out.push_str(&format!(
+                "database {}: {} (switched to the target at {at}{})\n",
+                d.name,
+                db.phase.name(),
+                if d.cleaned_up {
+                    "; cleaned up"
+                } else {
+                    "; `pgshift cleanup` removes the replication objects"
+                }
+            )),
+            None => out.push_str(&format!(
+                "database {}: {} (next: {})\n",
+                d.name,
+                db.phase.name(),
+                db.next
+            )),
+        }
         if let Some(sub) = &d.subscription {
             out.push_str(&format!(
                 "  tables ready {}/{}, copying {}, replication errors {}\n",

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::Phase;
+use crate::lock::{self, Holder};
 use crate::names::{self, step};
 use crate::observe::{self, Action, Database};
 use crate::sql;
@@ -28,12 +29,19 @@ impl Upgrade {
     pub async fn abort(&mut self) -> Result<Removed> {
         crate::cutover::recover(self).await?;
         let observed = self.observe().await?;
-        if observed.iter().any(|db| db.has(step::SWITCHED)) {
-            return Err(Error::State(
-                "the cutover has switched traffic to the target, so abort can no longer undo the upgrade; \
-                 run `pgshift cleanup` to remove pgshift's replication objects"
-                    .into(),
-            ));
+        if let Some(db) = observed.iter().find(|db| db.switched()) {
+            return Err(Error::AlreadySwitched {
+                database: db.name.clone(),
+                at: db
+                    .switched_at
+                    .clone()
+                    .unwrap_or_else(|| "an unrecorded time".into()),
+                next: if db.cleaned_up {
+                    "The upgrade is finished and cleaned up; there is nothing left to do"
+                } else {
+                    "Run `pgshift cleanup` to remove pgshift's replication objects"
+                },
+            });
         }
         let mut removed = Removed::default();
         for db in &observed {
@@ -53,25 +61,38 @@ impl Upgrade {
     pub async fn cleanup(&mut self) -> Result<Removed> {
         crate::cutover::recover(self).await?;
         let observed = self.observe().await?;
-        if let Some(db) = observed.iter().find(|db| !db.has(step::SWITCHED)) {
-            return Err(Error::State(format!(
-                "database {} has not been cut over; cleanup is for a finished upgrade. \
-                 To stop an unfinished one, run `pgshift abort`",
-                db.name
-            )));
+        if let Some(db) = observed.iter().find(|db| !db.switched()) {
+            return Err(Error::NotSwitched {
+                database: db.name.clone(),
+            });
         }
         let mut removed = Removed::default();
         for db in &observed {
+            if db.cleaned_up && !db.publication && !db.source_meta && db.subscription.is_none() {
+                removed.notes.push(format!(
+                    "database {} was switched at {} and is already cleaned up; nothing left to remove",
+                    db.name,
+                    db.switched_at.as_deref().unwrap_or("an unrecorded time")
+                ));
+                continue;
+            }
             self.remove_replication(db, &mut removed).await?;
             if let Some(target) = self
                 .connections
                 .get(&db.name)
                 .and_then(|c| c.target.as_ref())
             {
+                // The schema stays with the switch record on it: abort must never undo this.
                 target
-                    .batch_execute(&sql::drop_meta_schema())
+                    .batch_execute(&sql::drop_meta_tables())
                     .await
-                    .on(Side::Target, "dropping pgshift's schema")?;
+                    .on(Side::Target, "dropping pgshift's tables")?;
+                removed.notes.push(format!(
+                    "database {} on the target keeps the empty schema {} whose comment records the switch, \
+                     so that abort can never undo the upgrade",
+                    db.name,
+                    names::META_SCHEMA
+                ));
             }
             self.remove_source_objects(db, &mut removed).await?;
             if db.source_read_only {
@@ -200,8 +221,14 @@ impl Upgrade {
                 .push(format!("{}/{}", db.name, names::PUBLICATION));
         }
         if db.source_meta {
+            // A source that was once a target keeps that upgrade's switch record.
+            let keep = observe::switch_record(source).await?.is_some();
             source
-                .batch_execute(&sql::drop_meta_schema())
+                .batch_execute(&if keep {
+                    sql::drop_meta_tables()
+                } else {
+                    sql::drop_meta_schema()
+                })
                 .await
                 .on(Side::Source, "dropping pgshift's schema")?;
             removed
@@ -211,10 +238,12 @@ impl Upgrade {
         Ok(())
     }
 
-    /// Where things stand, read from both servers.
+    /// Where things stand, read from both servers: each database's phase, who holds the
+    /// upgrade lock, and a fence that is up.
     pub async fn status(&mut self) -> Result<Status> {
         let observed = self.observe().await?;
         let mut databases = Vec::new();
+        let mut fence = None;
         for db in observed {
             let action = observe::decide(&db);
             let apply_errors = db.subscription.as_ref().map_or(0, |s| s.errors);
@@ -230,6 +259,9 @@ impl Upgrade {
                 }
                 _ => None,
             };
+            if fence.is_none() && db.has(step::FENCED) {
+                fence = Some(self.fence_status(&db.name).await?);
+            }
             databases.push(DatabaseStatus {
                 phase: phase_of(&action),
                 next: format!("{action:?}"),
@@ -243,7 +275,55 @@ impl Upgrade {
             .map(|d| d.phase)
             .min_by_key(|p| *p as u8)
             .unwrap_or(Phase::Preflight);
-        Ok(Status { phase, databases })
+        Ok(Status {
+            phase,
+            databases,
+            held_by: self.upgrade_lock_holder().await?,
+            fence,
+        })
+    }
+
+    /// The pgshift process holding the upgrade lock, if one does.
+    async fn upgrade_lock_holder(&mut self) -> Result<Option<Holder>> {
+        let Some(first) = self.databases.first().cloned() else {
+            return Ok(None);
+        };
+        self.db(&first).await?;
+        let place = lock::places(
+            &self.plan.source,
+            std::slice::from_ref(&first),
+            &self.target_admin_endpoint,
+            &[],
+        )
+        .remove(0);
+        lock::upgrade_lock_holder(&self.conns(&first).source, &place).await
+    }
+
+    /// A fence recorded on `database`'s target: since when, by whom, and its guard if alive.
+    async fn fence_status(&self, database: &str) -> Result<FenceStatus> {
+        let target = self
+            .conns(database)
+            .target
+            .as_ref()
+            .expect("a step implies the database");
+        let row = target
+            .query_one(
+                &format!(
+                    "SELECT coalesce(value, ''), to_char(done_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS \"UTC\"')
+                     FROM {} WHERE step = $1",
+                    sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
+                ),
+                &[&step::FENCED],
+            )
+            .await
+            .on(Side::Target, "reading the fence record")?;
+        let place =
+            lock::fence_places(&self.target_admin_endpoint, &[database.to_string()]).remove(0);
+        Ok(FenceStatus {
+            raised_by: row.get(0),
+            since: row.get(1),
+            guard: lock::fence_lock_holder(&self.target_admin, &place).await?,
+        })
     }
 }
 
@@ -251,6 +331,20 @@ impl Upgrade {
 pub struct Status {
     pub phase: Phase,
     pub databases: Vec<DatabaseStatus>,
+    /// The pgshift process working on this upgrade now, if any.
+    pub held_by: Option<Holder>,
+    /// A write fence that is up: clients are paused or the source is read-only.
+    pub fence: Option<FenceStatus>,
+}
+
+/// A fence recorded on the target: raised by a cutover that is running, or interrupted.
+#[derive(Debug, Clone, Serialize)]
+pub struct FenceStatus {
+    /// The process that raised it (command, pid, host).
+    pub raised_by: String,
+    pub since: String,
+    /// The fence guard that releases the clients should that process die, while it lives.
+    pub guard: Option<Holder>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -12,11 +12,14 @@ use tokio_postgres::Client;
 
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::Event;
+use crate::guard::GuardHandle;
+use crate::lock;
 use crate::names::{self, step};
+use crate::observe;
 use crate::pgbouncer::{self, Admin, PgbouncerTarget};
 use crate::plan::{Routed, Traffic};
 use crate::sql;
-use crate::upgrade::{forget_step, record_step, Upgrade};
+use crate::upgrade::{forget_step, record_step_value, Upgrade};
 
 /// How often the target is asked whether the marker has arrived.
 const MARKER_POLL: Duration = Duration::from_millis(1);
@@ -132,8 +135,25 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
     let fence = prepare_fence(up).await?;
     let precopied =
         try_join_all(up.databases.iter().map(|name| precopy_sequences(up, name))).await?;
+    // The guard releases the clients if this process dies inside the fence; it is armed
+    // before the fence is recorded, and told when clients are released.
+    let mut guard = match &up.plan.fence_guard {
+        Some(program) => GuardHandle::start(program, up).await?,
+        None => None,
+    };
+    if let Some(guard) = &mut guard {
+        up.own_source_pids.extend_from_slice(guard.source_pids());
+        guard.arm().await?;
+    }
+    let holder = match &guard {
+        Some(_) => format!(
+            "{}, with a fence guard",
+            lock::holder_label(&up.plan.command)
+        ),
+        None => lock::holder_label(&up.plan.command),
+    };
     for name in &up.databases {
-        record_step(target_of(up, name), step::FENCED).await?;
+        record_step_value(target_of(up, name), step::FENCED, &holder).await?;
     }
     let mut clock = Clock {
         started: Instant::now(),
@@ -149,6 +169,9 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
             for name in &up.databases {
                 forget_step(target_of(up, name), step::FENCED).await?;
             }
+            if let Some(guard) = guard {
+                guard.release().await?;
+            }
             up.emit(Event::CutoverAborted {
                 reason: error.to_string(),
             });
@@ -162,6 +185,10 @@ pub(crate) async fn cutover(up: &mut Upgrade) -> Result<CutoverReport> {
     for name in &up.databases {
         forget_step(target_of(up, name), step::FENCED).await?;
     }
+    if let Some(guard) = guard {
+        guard.release().await?;
+    }
+    mark_created_databases_switched(up).await?;
     Ok(CutoverReport {
         mode: match fence {
             Fence::Pgbouncer(_) => "pgbouncer",
@@ -502,11 +529,14 @@ async fn route_and_release(routed: &Routed, poolers: &[PoolerConsoles]) -> Resul
 /// Records the switch in every target database and opens them for writes, all at once. This
 /// comes before PgBouncer is repointed: `recover` relies on that order.
 async fn open_target(up: &Upgrade) -> Result<()> {
-    let records = try_join_all(
-        up.databases
-            .iter()
-            .map(|name| record_step(target_of(up, name), step::SWITCHED)),
-    );
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let record = sql::record_switch(&at);
+    let records = try_join_all(up.databases.iter().map(|name| async {
+        target_of(up, name)
+            .batch_execute(&record)
+            .await
+            .on(Side::Target, "recording the switch")
+    }));
     let opens = try_join_all(up.databases.iter().map(|name| async move {
         up.target_admin
             .batch_execute(&sql::set_database_read_only(name, false))
@@ -537,6 +567,32 @@ async fn repoint_pgbouncer(
         admin
             .command(&format!("RECONNECT {}", sql::ident(entry)))
             .await?;
+    }
+    Ok(())
+}
+
+/// A target database pgshift created loses the comment that let abort drop it: after the
+/// switch nothing may ever drop it (the switch record on `pgshift_meta` says the same).
+async fn mark_created_databases_switched(up: &Upgrade) -> Result<()> {
+    for name in &up.databases {
+        let Some(at) = observe::switch_record(target_of(up, name)).await? else {
+            continue;
+        };
+        let created: bool = up
+            .target_admin
+            .query_one(
+                "SELECT coalesce(shobj_description(oid, 'pg_database') = $2, false) FROM pg_database WHERE datname = $1",
+                &[name, &sql::CREATED_DATABASE_COMMENT],
+            )
+            .await
+            .on(Side::Target, "reading the database comment")?
+            .get(0);
+        if created {
+            up.target_admin
+                .batch_execute(&sql::mark_created_database_switched(name, &at))
+                .await
+                .on(Side::Target, "marking the database as switched")?;
+        }
     }
     Ok(())
 }
@@ -602,7 +658,8 @@ fn target_of<'a>(up: &'a Upgrade, name: &str) -> &'a Client {
 /// fence pgshift raised is lifted so that clients carry on with the source.
 pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
     let observed = up.observe().await?;
-    let switched = observed.iter().any(|db| db.has(step::SWITCHED));
+    // A cleaned-up database finished its switch long ago (cleanup recovers first).
+    let switched = observed.iter().any(|db| db.switched() && !db.cleaned_up);
     let fenced: Vec<String> = observed
         .iter()
         .filter(|db| db.has(step::FENCED))
@@ -651,6 +708,7 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
 /// PgBouncer's entries pointing at the target, and its clients released.
 async fn complete_switch(up: &Upgrade) -> Result<()> {
     open_target(up).await?;
+    mark_created_databases_switched(up).await?;
     if let Traffic::Routed(routed) = &up.plan.traffic {
         // RECONNECT and RESUME are harmless on a pooler that is not paused (PgBouncer before
         // 1.21 cannot say whether it is paused).

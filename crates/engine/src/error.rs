@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Which server a connection or statement was aimed at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Source,
@@ -72,6 +72,10 @@ pub enum Error {
         budget: Duration,
     },
 
+    /// The fence guard could not be started or reached.
+    #[error("fence guard: {0}")]
+    Guard(String),
+
     #[error("pgbouncer: {0}")]
     Pgbouncer(String),
 
@@ -81,6 +85,26 @@ pub enum Error {
 
     #[error("{0}")]
     State(String),
+
+    /// Another pgshift process works on the same upgrade (it holds the upgrade's lock).
+    #[error("another pgshift is working on this upgrade: {holder}. Nothing was changed; wait for it to \
+             finish (`pgshift status` shows where it stands), or stop that process and run again")]
+    Busy { holder: String },
+
+    /// The switch happened: the target took writes, so nothing may undo the upgrade.
+    #[error("database {database} was switched to the target at {at}; the new server has taken writes since, \
+             so abort can never undo the upgrade and changed nothing. {next}")]
+    AlreadySwitched {
+        database: String,
+        at: String,
+        /// What the user can do instead.
+        next: &'static str,
+    },
+
+    /// `cleanup` is for a finished upgrade.
+    #[error("database {database} has not been cut over; cleanup is for a finished upgrade and changed nothing. \
+             To stop an unfinished one, run `pgshift abort`")]
+    NotSwitched { database: String },
 
     #[error("{what} did not finish within {waited:?}: {detail}")]
     Timeout {

@@ -9,6 +9,8 @@ pub mod cutover;
 pub mod endpoint;
 pub mod error;
 pub mod events;
+pub mod guard;
+pub mod lock;
 pub mod names;
 pub mod observe;
 pub mod pgbouncer;

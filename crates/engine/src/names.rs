@@ -7,6 +7,15 @@ pub const META_SCHEMA: &str = "pgshift_meta";
 pub const MARKER_TABLE: &str = "pgshift_marker";
 pub const STATE_TABLE: &str = "pgshift_state";
 
+/// Advisory lock classes (the first of the two int4 keys), "pgsu" and "pgsf": one pgshift at a
+/// time per upgrade, and the fence guard's hold on an interrupted cutover.
+pub const UPGRADE_LOCK_CLASS: i32 = 0x7067_7375;
+pub const FENCE_LOCK_CLASS: i32 = 0x7067_7366;
+
+/// The comment on a target database's `pgshift_meta` schema that records the switch. It is
+/// kept by cleanup, so that a finished upgrade is recognisable forever.
+pub const SWITCH_RECORD_PREFIX: &str = "pgshift switched this database to the new server at ";
+
 /// Subscription on the target and slot on the source share one name, derived from the source
 /// database's OID: unique across the source cluster and always a valid slot name.
 pub fn subscription(source_database_oid: u32) -> String {

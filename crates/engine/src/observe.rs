@@ -39,6 +39,11 @@ pub struct Database {
     pub target_exists: bool,
     /// Steps recorded in the target's state table.
     pub steps: Vec<String>,
+    /// When the switch moved this database's clients to the target, from the record that
+    /// outlives cleanup (the comment on the target's `pgshift_meta` schema).
+    pub switched_at: Option<String>,
+    /// The switch is recorded and cleanup has removed pgshift's tables.
+    pub cleaned_up: bool,
     pub source_meta: bool,
     pub source_read_only: bool,
     pub target_read_only: bool,
@@ -50,6 +55,10 @@ pub struct Database {
 impl Database {
     pub fn has(&self, step: &str) -> bool {
         self.steps.iter().any(|s| s == step)
+    }
+    /// The switch happened: the target has taken writes, nothing may undo the upgrade.
+    pub fn switched(&self) -> bool {
+        self.switched_at.is_some() || self.has(step::SWITCHED)
     }
     pub fn subscription_name(&self) -> String {
         names::subscription(self.source_oid)
@@ -77,7 +86,7 @@ pub enum Action {
 
 /// Decides what a database needs next, from its observed state alone.
 pub fn decide(db: &Database) -> Action {
-    if db.has(step::SWITCHED) {
+    if db.switched() {
         return Action::Switched;
     }
     if !db.target_exists {
@@ -177,9 +186,25 @@ pub async fn database(
     };
     if let Some(target) = target {
         db.steps = steps(target).await?;
+        db.switched_at = switch_record(target).await?;
+        db.cleaned_up = db.switched_at.is_some() && !db.has(step::SWITCHED);
         db.subscription = subscription(target, &slot_name).await?;
     }
     Ok(db)
+}
+
+/// When the switch happened, from the comment on the target's `pgshift_meta` schema, which
+/// cleanup keeps.
+pub async fn switch_record(target: &Client) -> Result<Option<String>> {
+    let comment: Option<String> = target
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+            &[&names::META_SCHEMA],
+        )
+        .await
+        .on(Side::Target, "reading pgshift's record of the switch")?
+        .and_then(|r| r.get(0));
+    Ok(comment.as_deref().and_then(sql::parse_switch_record))
 }
 
 /// The steps recorded in a target database's state table (none if the table is missing).
@@ -427,6 +452,17 @@ mod tests {
         let mut db = synced();
         db.slot = None;
         assert!(matches!(decide(&db), Action::Broken(_)));
+    }
+
+    #[test]
+    fn the_switch_record_that_outlives_cleanup_means_switched() {
+        let db = Database {
+            switched_at: Some("2026-12-01T10:00:00Z".into()),
+            cleaned_up: true,
+            target_exists: true,
+            ..Default::default()
+        };
+        assert_eq!(decide(&db), Action::Switched);
     }
 
     #[test]

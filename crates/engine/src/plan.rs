@@ -87,6 +87,12 @@ pub struct Plan {
     pub max_lag_bytes: i64,
     /// How many times an aborted cutover is tried again in one run.
     pub cutover_attempts: u32,
+    /// pgshift's own binary, which runs the fence guard (`guard::SUBCOMMAND`) during each
+    /// cutover. None: no guard (the operator relies on its leader election instead).
+    pub fence_guard: Option<PathBuf>,
+    /// What the holder of the upgrade lock is doing (`run`, `cutover`, …): other pgshift
+    /// processes name it when they find the lock held.
+    pub command: String,
 }
 
 impl Plan {
@@ -103,6 +109,8 @@ impl Plan {
             source_address_for_target: None,
             max_lag_bytes: 8 * 1024 * 1024,
             cutover_attempts: 3,
+            fence_guard: None,
+            command: "engine".into(),
         }
     }
 

@@ -368,7 +368,8 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
             false => None,
         };
         if let Some(target_db) = &target_db {
-            resuming |= !crate::observe::steps(target_db).await?.is_empty();
+            resuming |= !crate::observe::steps(target_db).await?.is_empty()
+                || crate::observe::switch_record(target_db).await?.is_some();
         }
         let mut facts = database_facts(&name, &source_db, target_db.as_ref()).await?;
         let on_target = tablespaces(&up.target_admin).await?;
@@ -556,12 +557,13 @@ pub async fn tablespaces(server: &Client) -> Result<Vec<String>> {
 }
 
 /// User tables in a target database that pgshift's schema copy did not create. A target whose
-/// schema step is recorded as done holds only what pgshift restored.
+/// schema step is recorded as done, or that pgshift switched to, holds only what pgshift restored.
 pub async fn foreign_tables(target: &Client) -> Result<Vec<String>> {
     if crate::observe::steps(target)
         .await?
         .iter()
         .any(|s| s == names::step::SCHEMA)
+        || crate::observe::switch_record(target).await?.is_some()
     {
         return Ok(Vec::new());
     }

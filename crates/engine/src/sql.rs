@@ -35,6 +35,43 @@ pub fn create_meta_objects(with_state: bool) -> String {
     sql
 }
 
+/// Records the switch of one target database, in one transaction: the state row (whose time
+/// the first recording keeps) and the comment on `pgshift_meta` that repeats it and outlives
+/// cleanup.
+pub fn record_switch(at: &str) -> String {
+    let state = qualified(names::META_SCHEMA, names::STATE_TABLE);
+    format!(
+        "INSERT INTO {state} (step, value) VALUES ({step}, {at}) ON CONFLICT DO NOTHING;
+         DO $pgshift$ BEGIN
+           EXECUTE pg_catalog.format('COMMENT ON SCHEMA %I IS %L', {schema},
+             {prefix} || (SELECT value FROM {state} WHERE step = {step}) || {suffix});
+         END $pgshift$;",
+        step = literal(names::step::SWITCHED),
+        at = literal(at),
+        schema = literal(names::META_SCHEMA),
+        prefix = literal(names::SWITCH_RECORD_PREFIX),
+        suffix = literal(SWITCH_RECORD_SUFFIX),
+    )
+}
+
+const SWITCH_RECORD_SUFFIX: &str =
+    " (kept by pgshift cleanup, so that abort can never undo a finished upgrade; drop the schema once you no longer need the record)";
+
+/// The time in a switch record written by [`record_switch`].
+pub fn parse_switch_record(comment: &str) -> Option<String> {
+    let rest = comment.strip_prefix(names::SWITCH_RECORD_PREFIX)?;
+    Some(rest.split(" (").next().unwrap_or(rest).to_string())
+}
+
+/// After cleanup the target keeps `pgshift_meta` with the switch record on it, and nothing else.
+pub fn drop_meta_tables() -> String {
+    format!(
+        "DROP TABLE IF EXISTS {}, {}",
+        qualified(names::META_SCHEMA, names::MARKER_TABLE),
+        qualified(names::META_SCHEMA, names::STATE_TABLE)
+    )
+}
+
 pub fn drop_meta_schema() -> String {
     format!(
         "DROP SCHEMA IF EXISTS {} CASCADE",
@@ -147,6 +184,15 @@ pub fn create_database(name: &str, owner: &str, encoding: &str) -> String {
 /// The comment on a target database that pgshift created (and so may drop on abort).
 pub const CREATED_DATABASE_COMMENT: &str = "pgshift: created for a major-version upgrade";
 
+/// At the switch a created database's comment changes, so that nothing ever drops it again.
+pub fn mark_created_database_switched(name: &str, at: &str) -> String {
+    format!(
+        "COMMENT ON DATABASE {} IS {}",
+        ident(name),
+        literal(&format!("{CREATED_DATABASE_COMMENT}; switched to at {at}"))
+    )
+}
+
 pub fn mark_created_database(name: &str) -> String {
     format!(
         "COMMENT ON DATABASE {} IS {}",
@@ -201,6 +247,15 @@ mod tests {
             "CREATE ROLE \"app\"\"user\" WITH NOSUPERUSER INHERIT NOCREATEROLE CREATEDB LOGIN NOREPLICATION \
              NOBYPASSRLS CONNECTION LIMIT -1 PASSWORD 'SCRAM-SHA-256$4096:abc'"
         );
+    }
+
+    #[test]
+    fn a_switch_record_gives_back_its_time() {
+        let at = "2026-12-01T10:00:00Z";
+        let comment = format!("{}{at}{SWITCH_RECORD_SUFFIX}", names::SWITCH_RECORD_PREFIX);
+        assert_eq!(parse_switch_record(&comment).as_deref(), Some(at));
+        assert_eq!(parse_switch_record("a comment of the user's"), None);
+        assert!(record_switch(at).contains("'2026-12-01T10:00:00Z'"));
     }
 
     #[test]

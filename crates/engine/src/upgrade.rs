@@ -9,8 +9,10 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::cutover::{self, CutoverReport};
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::{Event, EventSink, Phase};
+use crate::lock;
 use crate::names::{self, step};
 use crate::observe::{self, Action, Database};
 use crate::plan::{CutoverMode, Databases, Plan};
@@ -69,20 +71,63 @@ pub struct Upgrade {
     pub(crate) databases: Vec<String>,
     pub(crate) connections: HashMap<String, DbConnections>,
     pub(crate) own_source_pids: Vec<i32>,
+    /// pgshift's sessions on the target: the fence guard ends them if this process dies.
+    pub(crate) own_target_pids: Vec<i32>,
+    /// The maintenance session's endpoint on the target.
+    pub(crate) target_admin_endpoint: Endpoint,
+    /// The upgrade lock (or, in the fence guard, the fence lock), held while this lives.
+    locks: Option<lock::Held>,
     phases: Vec<PhaseTiming>,
     current_phase: Option<(Phase, Instant)>,
 }
 
 impl Upgrade {
-    /// Connects to both servers and resolves which databases to move.
+    /// Connects to both servers for a command that changes something: resolves which databases
+    /// to move and takes the upgrade lock on both servers (`Error::Busy`, naming the holder, if
+    /// another pgshift has it), then waits for any fence guard still releasing clients.
     pub async fn connect(plan: Plan, events: EventSink) -> Result<Upgrade> {
+        let mut up = Upgrade::sessions(plan, events).await?;
+        let existing = up.existing_source_databases().await?;
+        let label = lock::holder_label(&up.plan.command);
+        let places = lock::places(
+            &up.plan.source,
+            &existing,
+            &up.target_admin_endpoint,
+            &up.databases,
+        );
+        let fence_places = lock::fence_places(&up.target_admin_endpoint, &up.databases);
+        let held = lock::take_upgrade_lock(&places, &fence_places, &label).await?;
+        up.own_source_pids.extend(held.source_pids());
+        up.locks = Some(held);
+        Ok(up)
+    }
+
+    /// Connects to both servers for a command that only reads (`check`, `status`): no lock, so
+    /// it works while another pgshift runs.
+    pub async fn observer(plan: Plan, events: EventSink) -> Result<Upgrade> {
+        Upgrade::sessions(plan, events).await
+    }
+
+    /// The fence guard's engine: no upgrade lock (its worker holds it), the fence lock instead,
+    /// and every session it may need opened now, before the fence.
+    pub(crate) async fn for_guard(plan: Plan, events: EventSink) -> Result<Upgrade> {
+        let mut up = Upgrade::sessions(plan, events).await?;
+        let label = lock::holder_label(&up.plan.command);
+        let fence_places = lock::fence_places(&up.target_admin_endpoint, &up.databases);
+        up.locks = Some(lock::take_fence_lock(&fence_places, &label).await?);
+        up.observe().await?;
+        Ok(up)
+    }
+
+    async fn sessions(plan: Plan, events: EventSink) -> Result<Upgrade> {
         let (source_admin, source_pid) = open(&plan.source).await?;
         // Server-wide work on the target (CREATE/DROP DATABASE, ALTER DATABASE) needs a session
         // outside the databases being moved: the maintenance database, else the URL's.
-        let (target_admin, _) = match open(&plan.target.with_dbname(MAINTENANCE_DB)).await {
-            Ok(opened) => opened,
+        let maintenance = plan.target.with_dbname(MAINTENANCE_DB);
+        let (target_admin_endpoint, (target_admin, target_pid)) = match open(&maintenance).await {
+            Ok(opened) => (maintenance, opened),
             // If both fail, the error about the URL's database is the one the user can act on.
-            Err(_) => open(&plan.target).await?,
+            Err(_) => (plan.target.clone(), open(&plan.target).await?),
         };
         let databases = match &plan.databases {
             Databases::FromUrl => vec![plan.source.dbname.clone()],
@@ -103,12 +148,30 @@ impl Upgrade {
             events,
             source_admin,
             target_admin,
+            target_admin_endpoint,
             databases,
             connections: HashMap::new(),
             own_source_pids: vec![source_pid],
+            own_target_pids: vec![target_pid],
+            locks: None,
             phases: Vec::new(),
             current_phase: None,
         })
+    }
+
+    /// The moved databases that exist on the source (preflight reports the others).
+    async fn existing_source_databases(&self) -> Result<Vec<String>> {
+        Ok(self
+            .source_admin
+            .query(
+                "SELECT datname::text FROM pg_database WHERE datname = ANY($1) ORDER BY datname",
+                &[&self.databases],
+            )
+            .await
+            .on(Side::Source, "looking for the databases")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     pub fn databases(&self) -> &[String] {
@@ -168,7 +231,8 @@ impl Upgrade {
             );
         }
         if self.connections[name].target.is_none() && self.target_database_exists(name).await? {
-            let (target, _) = open(&self.plan.target.with_dbname(name)).await?;
+            let (target, pid) = open(&self.plan.target.with_dbname(name)).await?;
+            self.own_target_pids.push(pid);
             self.connections
                 .get_mut(name)
                 .expect("inserted above")
@@ -606,13 +670,18 @@ pub(crate) fn blocked(report: &Report) -> Error {
 }
 
 pub(crate) async fn record_step(target: &Client, name: &str) -> Result<()> {
+    record_step_value(target, name, "").await
+}
+
+/// Records a step with a value (who holds a fence, say); an earlier record of it stays.
+pub(crate) async fn record_step_value(target: &Client, name: &str, value: &str) -> Result<()> {
     target
         .execute(
             &format!(
-                "INSERT INTO {} (step) VALUES ($1) ON CONFLICT DO NOTHING",
+                "INSERT INTO {} (step, value) VALUES ($1, nullif($2, '')) ON CONFLICT DO NOTHING",
                 sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
             ),
-            &[&name],
+            &[&name, &value],
         )
         .await
         .on(Side::Target, &format!("recording step {name}"))?;

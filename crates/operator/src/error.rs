@@ -31,6 +31,7 @@ impl Error {
             Error::Engine(pgshift_engine::Error::CutoverAborted { .. }) => "CutoverAborted",
             Error::Engine(pgshift_engine::Error::ApplyFailing { .. }) => "ApplyFailing",
             Error::Engine(pgshift_engine::Error::Sql { .. }) => "Sql",
+            Error::Engine(pgshift_engine::Error::Busy { .. }) => "Busy",
             Error::Engine(_) => "Engine",
             Error::SchemaCopyFailed { .. } => "SchemaCopyFailed",
             Error::Finalizer(_) => "Finalizer",

@@ -146,6 +146,8 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         // The engine must pause exactly the replicas that are ready now.
         let ready = pooler_consoles(&v, ctx).await?;
         if addresses(&ready) != addresses(&poolers) {
+            // The old engine's sessions hold the upgrade lock: let go of it first.
+            drop(up);
             up = connect(&v, ctx, target_endpoint, ready).await?;
         }
     }
@@ -504,7 +506,7 @@ async fn abort(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
             );
         }
         // Switched: the target has the writes; finishing is the only safe end.
-        Err(EngineError::State(_)) => {
+        Err(EngineError::AlreadySwitched { .. }) => {
             complete(&v, ctx, &mut up, &mut report).await?;
         }
         Err(e) => return Err(e.into()),
