@@ -32,9 +32,12 @@ pub enum Command {
     Status(Common),
     /// Cut over now (after `run --cutover manual` reported ready).
     Cutover(CutoverArgs),
+    /// Go back to the source through the rollback window: the cutover in the other direction,
+    /// then the forward stream resumes (retry with `run`/`cutover`, or `abort`).
+    Rollback(CutoverArgs),
     /// Stop an unfinished upgrade and remove everything pgshift created, on both sides.
     Abort(Common),
-    /// After a finished upgrade: drop the subscription, slots, publication and marker tables.
+    /// After a finished upgrade: end the rollback window and drop the subscriptions, slots, publications and marker tables.
     Cleanup(Common),
     /// Try it on local servers: old and new PostgreSQL, PgBouncer, a live write load, the upgrade, a report.
     Demo(DemoArgs),
@@ -93,6 +96,9 @@ pub struct Common {
     /// host:port the target server uses to reach the source, if not the source URL's.
     #[arg(long, value_parser = parse_address)]
     pub source_address_from_target: Option<(String, u16)>,
+    /// host:port the source server uses to reach the target (the rollback window), if not the target URL's.
+    #[arg(long, value_parser = parse_address)]
+    pub target_address_from_source: Option<(String, u16)>,
     #[command(flatten)]
     pub pgbouncer: PgbouncerArgs,
     /// Print JSON instead of text.
@@ -137,9 +143,12 @@ pub struct CutoverArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct CutoverOptions {
-    /// The longest write pause allowed; past it, before the switch, the cutover aborts and clients resume on the source.
+    /// The longest write pause allowed; past it, before the switch, the cutover aborts and clients resume where they were.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub max_pause: Duration,
+    /// Do not open the rollback window at the switch (no reverse replication; no `pgshift rollback`).
+    #[arg(long)]
+    pub no_rollback_window: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -372,7 +372,9 @@ fn render(r: &DemoReport) -> String {
 fn when(phases: &[(String, f64)], at_ms: f64) -> String {
     match phases.iter().rev().find(|(_, start)| *start <= at_ms) {
         None => "before the upgrade started".into(),
-        Some((name, _)) if name == "done" => "after the upgrade finished".into(),
+        Some((name, _)) if name == "done" || name == "window_open" => {
+            "after the upgrade finished".into()
+        }
         Some((name, _)) => format!("during the {name} phase"),
     }
 }

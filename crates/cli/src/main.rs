@@ -54,11 +54,16 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    let command_name = match &command {
+        Command::Rollback(_) => "rollback",
+        _ => "cutover",
+    };
     match command {
         Command::Check(common) => check(common).await,
         Command::Run(args) => {
             let mut plan = plan(&args.common, "run")?;
             plan.max_pause = args.cutover.max_pause;
+            plan.rollback_window = !args.cutover.no_rollback_window;
             plan.cutover = match args.cutover_mode {
                 CutoverWhen::Auto => CutoverMode::Automatic,
                 CutoverWhen::Manual => CutoverMode::Manual,
@@ -88,21 +93,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cutover(args) => {
-            let mut plan = plan(&args.common, "cutover")?;
+        Command::Cutover(args) | Command::Rollback(args) => {
+            let back = matches!(command_name, "rollback");
+            let mut plan = plan(&args.common, command_name)?;
             plan.max_pause = args.cutover.max_pause;
+            plan.rollback_window = !args.cutover.no_rollback_window;
             let progress = progress::Progress::new(args.common.json);
             let mut upgrade = Upgrade::connect(plan, progress.sink()).await?;
-            let report = upgrade.cutover_now().await;
+            let report = match back {
+                true => upgrade.rollback_now().await,
+                false => upgrade.cutover_now().await,
+            };
             progress.finish();
             let report = report?;
             if args.common.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
-                    "cutover done: writes paused {:.1} ms, {} sequences copied; clients now use the target",
-                    report.pause_ms, report.sequences_synced
-                );
+                println!("{}", progress::render_switch(&report));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -199,6 +206,7 @@ pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     };
     plan.pg_bin_dir = common.pg_bin_dir.clone();
     plan.source_address_for_target = common.source_address_from_target.clone();
+    plan.target_address_for_source = common.target_address_from_source.clone();
     if let Some(admin) = &common.pgbouncer.pgbouncer {
         let config_path = common
             .pgbouncer

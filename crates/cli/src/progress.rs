@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pgshift_engine::cleanup::Status;
+use pgshift_engine::cutover::CutoverReport;
+use pgshift_engine::decide::Direction;
 use pgshift_engine::{Event, EventSink, Outcome};
 
 /// Draws engine events. JSON mode keeps stdout clean: progress goes to stderr only.
@@ -151,10 +153,31 @@ pub fn render_outcome(outcome: &Outcome) -> String {
             cutover.mode, cutover.pause_ms, cutover.sequences_synced
         ));
     }
-    if outcome.finished == pgshift_engine::Phase::ReadyForCutover {
-        out.push_str("ready for cutover: run `pgshift cutover` with the same arguments\n");
+    match outcome.finished {
+        pgshift_engine::Phase::ReadyForCutover => {
+            out.push_str("ready for cutover: run `pgshift cutover` with the same arguments\n")
+        }
+        pgshift_engine::Phase::WindowOpen => out.push_str(
+            "rollback window open: the source follows the target; `pgshift rollback` goes back, `pgshift cleanup` ends the window\n",
+        ),
+        _ => {}
     }
     out
+}
+
+/// What a cutover or a rollback did, in a sentence.
+pub fn render_switch(report: &CutoverReport) -> String {
+    let (what, now) = match report.direction {
+        Direction::Forward => ("cutover", "clients now use the target"),
+        Direction::Back => (
+            "rollback",
+            "clients use the source again; the target follows it (`pgshift cutover` tries again, `pgshift abort` gives up)",
+        ),
+    };
+    format!(
+        "{what} done: writes paused {:.1} ms, {} sequences copied; {now}",
+        report.pause_ms, report.sequences_synced
+    )
 }
 
 pub fn render_status(status: &Status) -> String {
@@ -197,14 +220,26 @@ pub fn render_status(status: &Status) -> String {
                 db.next
             )),
         }
-        if let Some(sub) = &d.subscription {
+        if let Some(sub) = &d.forward.subscription {
             out.push_str(&format!(
-                "  tables ready {}/{}, copying {}, replication errors {}\n",
+                "  forward (source -> target): tables ready {}/{}, copying {}, replication errors {}\n",
                 sub.tables_ready, sub.tables_total, sub.tables_copying, sub.errors
             ));
         }
-        if let Some(slot) = &d.slot {
-            out.push_str(&format!("  lag {}\n", megabytes(slot.lag_bytes)));
+        if let (Some(slot), Some(_)) = (&d.forward.slot, &d.forward.subscription) {
+            out.push_str(&format!("  forward lag {}\n", megabytes(slot.lag_bytes)));
+        }
+        if let Some(sub) = &d.back.subscription {
+            out.push_str(&format!(
+                "  rollback window open{}: back (target -> source) replication errors {}{}; `pgshift rollback` goes back, `pgshift cleanup` ends the window\n",
+                d.switched_at.as_deref().map(|at| format!(" since {at}")).unwrap_or_default(),
+                sub.errors,
+                d.back
+                    .slot
+                    .as_ref()
+                    .map(|s| format!(", back lag {}", megabytes(s.lag_bytes)))
+                    .unwrap_or_default(),
+            ));
         }
         if let Some(problem) = &db.apply_problem {
             out.push_str(&format!("  problem: {problem}\n"));

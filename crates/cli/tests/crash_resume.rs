@@ -54,7 +54,7 @@ async fn killed_at_every_step_it_resumes_and_loses_nothing() {
     let finish = lab.output(&args);
     let said = String::from_utf8_lossy(&finish.stderr);
     assert!(finish.status.success(), "final run failed:\n{said}");
-    assert!(String::from_utf8_lossy(&finish.stdout).contains("finished: done"));
+    assert!(String::from_utf8_lossy(&finish.stdout).contains("finished: window_open"));
 
     // The guard released the clients; nobody waited for the next run.
     nothing_lost(load, &lab.pair.target, Duration::from_secs(4)).await;

@@ -51,7 +51,7 @@ fn demo_json_reports_a_clean_upgrade() {
             "replicate",
             "catch_up",
             "cutover",
-            "done"
+            "window_open"
         ]
     );
     assert!(report["phases"][0]["ms"].is_number());

@@ -3,14 +3,15 @@
 //! created) are dropped.
 
 use serde::Serialize;
-use tokio_postgres::Client;
 
+use crate::decide::{decide, Direction};
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::Phase;
 use crate::lock::{self, Holder};
 use crate::names::{self, step};
-use crate::observe::{self, Action, Database};
+use crate::observe::{self, Database, Stream};
 use crate::sql;
+use crate::streams::drop_slot;
 use crate::upgrade::Upgrade;
 
 /// What `abort` or `cleanup` removed.
@@ -68,7 +69,11 @@ impl Upgrade {
         }
         let mut removed = Removed::default();
         for db in &observed {
-            if db.cleaned_up && !db.publication && !db.source_meta && db.subscription.is_none() {
+            let nothing_left = !db.forward.publication
+                && !db.source_meta
+                && db.forward == Stream::default()
+                && db.back == Stream::default();
+            if db.cleaned_up && nothing_left {
                 removed.notes.push(format!(
                     "database {} was switched at {} and is already cleaned up; nothing left to remove",
                     db.name,
@@ -107,29 +112,42 @@ impl Upgrade {
         Ok(removed)
     }
 
-    /// The subscription on the target, then its slot and any table-sync slots on the source.
+    /// Both streams (subscriptions and slots), the target's publication for the window, and
+    /// any table-sync slots the initial copy left on the source.
     async fn remove_replication(&mut self, db: &Database, removed: &mut Removed) -> Result<()> {
-        let name = db.subscription_name();
-        if db.subscription.is_some() {
-            let target = self.connections[&db.name]
-                .target
-                .as_ref()
-                .expect("a subscription implies the database");
-            // DROP SUBSCRIPTION also drops the slot on the source; if the source cannot be
-            // reached for that, detach the slot and drop it below.
-            if let Err(error) = target
-                .batch_execute(&format!("DROP SUBSCRIPTION {}", sql::ident(&name)))
-                .await
-            {
-                tracing::warn!(error = %crate::error::server_message(&error), "dropping the subscription with its slot failed; detaching it");
-                for statement in sql::detach_and_drop_subscription(&name) {
-                    target
-                        .batch_execute(&statement)
-                        .await
-                        .on(Side::Target, "dropping the subscription")?;
+        self.db(&db.name).await?;
+        if db.target_exists {
+            for direction in [Direction::Back, Direction::Forward] {
+                let stream = db.stream(direction);
+                let name = db.stream_name(direction);
+                if stream.subscription.is_none() && stream.slot.is_none() {
+                    continue;
+                }
+                self.stream(db, direction).drop().await?;
+                if stream.subscription.is_some() {
+                    removed.subscriptions.push(name.clone());
+                }
+                if stream.slot.is_some() {
+                    removed.slots.push(name);
                 }
             }
-            removed.subscriptions.push(name.clone());
+            if db.back.publication {
+                self.target_of(&db.name)
+                    .batch_execute(&format!(
+                        "DROP PUBLICATION IF EXISTS {}",
+                        sql::ident(names::BACK_PUBLICATION)
+                    ))
+                    .await
+                    .on(Side::Target, "dropping the rollback window's publication")?;
+                removed.publications.push(format!(
+                    "{}/{} (target)",
+                    db.name,
+                    names::BACK_PUBLICATION
+                ));
+            }
+        } else if db.forward.slot.is_some() {
+            drop_slot(&self.source_admin, Side::Source, &db.subscription_name()).await?;
+            removed.slots.push(db.subscription_name());
         }
         let target_id: String = self
             .target_admin
@@ -140,19 +158,19 @@ impl Upgrade {
             .await
             .on(Side::Target, "reading the system identifier")?
             .get(0);
-        let slots: Vec<String> = self
+        let sync_slots: Vec<String> = self
             .source_admin
             .query(
-                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = $1 OR slot_name LIKE $2",
-                &[&name, &names::sync_slot_pattern(&target_id)],
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE $1",
+                &[&names::sync_slot_pattern(&target_id)],
             )
             .await
             .on(Side::Source, "listing replication slots")?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        for slot in slots {
-            drop_slot(&self.source_admin, &slot).await?;
+        for slot in sync_slots {
+            drop_slot(&self.source_admin, Side::Source, &slot).await?;
             removed.slots.push(slot);
         }
         Ok(())
@@ -208,7 +226,7 @@ impl Upgrade {
     async fn remove_source_objects(&mut self, db: &Database, removed: &mut Removed) -> Result<()> {
         self.db(&db.name).await?;
         let source = &self.conns(&db.name).source;
-        if db.publication {
+        if db.forward.publication {
             source
                 .batch_execute(&format!(
                     "DROP PUBLICATION IF EXISTS {}",
@@ -245,25 +263,29 @@ impl Upgrade {
         let mut databases = Vec::new();
         let mut fence = None;
         for db in observed {
-            let action = observe::decide(&db);
-            let apply_errors = db.subscription.as_ref().map_or(0, |s| s.errors);
-            let apply_problem = match (&db.subscription, self.connections.get(&db.name)) {
-                (Some(sub), Some(connections))
-                    if sub.errors > 0 || (sub.enabled && !sub.worker_running) =>
-                {
-                    let target = connections
-                        .target
-                        .as_ref()
-                        .expect("a subscription implies the database");
-                    Some(observe::apply_failure_cause(&connections.source, target).await?)
-                }
-                _ => None,
+            let action = decide(&db, &self.plan.policy(false));
+            // The stream that runs now: forward until the switch, back in the window.
+            let running = match db.serving() {
+                Side::Target => &db.back,
+                _ => &db.forward,
             };
-            if fence.is_none() && db.has(step::FENCED) {
-                fence = Some(self.fence_status(&db.name).await?);
+            let apply_errors = running.subscription.as_ref().map_or(0, |s| s.errors);
+            let failing = running
+                .subscription
+                .as_ref()
+                .is_some_and(|sub| sub.errors > 0 || (sub.enabled && !sub.worker_running));
+            let apply_problem = match failing {
+                true => Some(self.stream_failure_cause(&db.name).await?),
+                false => None,
+            };
+            for fence_step in [step::FENCED, step::FENCED_BACK] {
+                if fence.is_none() && db.has(fence_step) {
+                    fence = Some(self.fence_status(&db.name, fence_step).await?);
+                }
             }
             databases.push(DatabaseStatus {
-                phase: phase_of(&action),
+                phase: action.phase(),
+                serving: db.serving(),
                 next: format!("{action:?}"),
                 apply_errors,
                 apply_problem,
@@ -300,7 +322,7 @@ impl Upgrade {
     }
 
     /// A fence recorded on `database`'s target: since when, by whom, and its guard if alive.
-    async fn fence_status(&self, database: &str) -> Result<FenceStatus> {
+    async fn fence_status(&self, database: &str, fence_step: &str) -> Result<FenceStatus> {
         let target = self
             .conns(database)
             .target
@@ -313,13 +335,18 @@ impl Upgrade {
                      FROM {} WHERE step = $1",
                     sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
                 ),
-                &[&step::FENCED],
+                &[&fence_step],
             )
             .await
             .on(Side::Target, "reading the fence record")?;
         let place =
             lock::fence_places(&self.target_admin_endpoint, &[database.to_string()]).remove(0);
         Ok(FenceStatus {
+            on: if fence_step == step::FENCED_BACK {
+                Side::Target
+            } else {
+                Side::Source
+            },
             raised_by: row.get(0),
             since: row.get(1),
             guard: lock::fence_lock_holder(&self.target_admin, &place).await?,
@@ -340,6 +367,8 @@ pub struct Status {
 /// A fence recorded on the target: raised by a cutover that is running, or interrupted.
 #[derive(Debug, Clone, Serialize)]
 pub struct FenceStatus {
+    /// The server whose clients are held: the source in a cutover, the target in a rollback.
+    pub on: Side,
     /// The process that raised it (command, pid, host).
     pub raised_by: String,
     pub since: String,
@@ -350,47 +379,11 @@ pub struct FenceStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct DatabaseStatus {
     pub phase: Phase,
+    /// Where clients write now.
+    pub serving: Side,
     pub next: String,
     pub apply_errors: i64,
     /// The cause of failing replication, as the target reports it.
     pub apply_problem: Option<String>,
     pub database: Database,
-}
-
-fn phase_of(action: &Action) -> Phase {
-    match action {
-        Action::CreateDatabase => Phase::Preflight,
-        Action::CopySchema => Phase::Schema,
-        Action::ProtectTarget
-        | Action::CreateSourceMeta
-        | Action::CreatePublication
-        | Action::CreateSlot
-        | Action::CreateSubscription
-        | Action::Broken(_)
-        | Action::WaitForCopy => Phase::Replicate,
-        Action::Analyze => Phase::CatchUp,
-        Action::Synced => Phase::ReadyForCutover,
-        Action::Switched => Phase::Done,
-    }
-}
-
-/// Drops a slot, waiting briefly for a walsender that still holds it to let go.
-async fn drop_slot(source: &Client, slot: &str) -> Result<()> {
-    for attempt in 0..50 {
-        match source
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-        {
-            Ok(_) => return Ok(()),
-            // 55006: the slot is active; its walsender is shutting down.
-            Err(error) if error.code().map(|c| c.code()) == Some("55006") && attempt < 49 => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(error) if error.code().map(|c| c.code()) == Some("42704") => return Ok(()),
-            Err(error) => {
-                return Err(error).on(Side::Source, &format!("dropping replication slot {slot}"))
-            }
-        }
-    }
-    Ok(())
 }

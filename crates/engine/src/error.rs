@@ -83,8 +83,29 @@ pub enum Error {
     #[error("moving traffic to the target: {0}")]
     Route(String),
 
-    #[error("{0}")]
-    State(String),
+    /// One database cannot go on without a person.
+    #[error("database {database}: {why}")]
+    Broken { database: String, why: String },
+
+    /// The step is not for this caller: the operator copies schemas with a Job.
+    #[error("database {database} needs its schema copied, which this caller does with the target image's tools")]
+    SchemaCopyIsTheCallers { database: String },
+
+    /// A command came before the upgrade was ready for it; nobody was paused.
+    #[error("{why}; nothing was changed")]
+    NotReady { why: String },
+
+    /// `cutover` after the switch.
+    #[error("the cutover is already done: clients use the target. Nothing was changed")]
+    AlreadySwitchedNothingToDo,
+
+    /// A rollback that would lose writes, or has nothing to go back to.
+    #[error("cannot roll back: {why}. Nothing was changed")]
+    CannotRollBack { why: String },
+
+    /// The rollback window cannot carry everything back: a rollback now would lose writes.
+    #[error("rollback refused for database {database}: {cause}. Nobody was paused; fix the cause on the target (or end the window with `pgshift cleanup`), then run again")]
+    RollbackRefused { database: String, cause: String },
 
     /// Another pgshift process works on the same upgrade (it holds the upgrade's lock).
     #[error("another pgshift is working on this upgrade: {holder}. Nothing was changed; wait for it to \
@@ -204,6 +225,6 @@ mod tests {
             sql("42501").made_meanwhile(),
             Err(Error::Sql { code: Some(c), .. }) if c == "42501"
         ));
-        assert!(Error::State("x".into()).made_meanwhile().is_err());
+        assert!(Error::AlreadySwitchedNothingToDo.made_meanwhile().is_err());
     }
 }

@@ -12,6 +12,8 @@ pub enum Phase {
     CatchUp,
     ReadyForCutover,
     Cutover,
+    /// The target serves; the back stream keeps the source current (a rollback is possible).
+    WindowOpen,
     Done,
 }
 
@@ -24,6 +26,7 @@ impl Phase {
             Phase::CatchUp => "catch_up",
             Phase::ReadyForCutover => "ready_for_cutover",
             Phase::Cutover => "cutover",
+            Phase::WindowOpen => "window_open",
             Phase::Done => "done",
         }
     }

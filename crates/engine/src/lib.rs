@@ -1,11 +1,14 @@
 //! pgshift's upgrade engine: moves a live PostgreSQL database to a new major version over
 //! logical replication, with a cutover that pauses writes for milliseconds and loses nothing.
 //!
-//! The engine knows nothing of Kubernetes. Decisions (`observe::decide`, `preflight::evaluate`)
+//! The engine knows nothing of Kubernetes. Decisions (`decide::next`, `preflight::evaluate`)
 //! are pure; everything else talks to real servers.
 
+mod act;
 pub mod cleanup;
 pub mod cutover;
+pub mod decide;
+mod drive;
 pub mod endpoint;
 pub mod error;
 pub mod events;
@@ -19,6 +22,7 @@ pub mod preflight;
 pub mod schema;
 pub mod session;
 pub mod sql;
+mod streams;
 pub mod upgrade;
 
 pub use endpoint::{Endpoint, PasswordSources, Secret};

@@ -3,6 +3,9 @@
 
 pub const PREFIX: &str = "pgshift_";
 pub const PUBLICATION: &str = "pgshift_pub";
+/// The target's publication for the rollback window (an explicit table list: pgshift's state
+/// table stays out of it).
+pub const BACK_PUBLICATION: &str = "pgshift_back_pub";
 pub const META_SCHEMA: &str = "pgshift_meta";
 pub const MARKER_TABLE: &str = "pgshift_marker";
 pub const STATE_TABLE: &str = "pgshift_state";
@@ -22,6 +25,11 @@ pub fn subscription(source_database_oid: u32) -> String {
     format!("{PREFIX}{source_database_oid}")
 }
 
+/// The back stream's subscription on the source and slot on the target.
+pub fn back_subscription(source_database_oid: u32) -> String {
+    format!("{PREFIX}back_{source_database_oid}")
+}
+
 /// `LIKE` pattern of the temporary slots that the target's table-sync workers create on the
 /// source (`pg_<subid>_sync_<relid>_<sysid>`), which a crash during the initial copy can
 /// leave behind. The target's system identifier makes it ours.
@@ -35,6 +43,12 @@ pub mod step {
     pub const ANALYZED: &str = "analyzed";
     pub const SWITCHED: &str = "switched";
     pub const FENCED: &str = "fenced";
+    /// A rollback's fence (on the target) is up.
+    pub const FENCED_BACK: &str = "fenced_back";
+    /// The target LSN the back stream starts from: recorded with the switch.
+    pub const BACK_FROM: &str = "back_from";
+    /// The source LSN the forward stream resumes from: recorded with a rollback.
+    pub const FORWARD_FROM: &str = "forward_from";
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::decide::Direction;
 use crate::error::{Result, Side, SqlContext};
 use crate::names::{self, step};
 use crate::sql;
@@ -30,6 +31,15 @@ pub struct Subscription {
     pub worker_running: bool,
 }
 
+/// One direction's replication objects (see `decide`): publication and slot on the server that
+/// publishes, subscription on the one that subscribes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stream {
+    pub publication: bool,
+    pub slot: Option<Slot>,
+    pub subscription: Option<Subscription>,
+}
+
 /// One database's state on both servers.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Database {
@@ -47,74 +57,49 @@ pub struct Database {
     pub source_meta: bool,
     pub source_read_only: bool,
     pub target_read_only: bool,
-    pub publication: bool,
-    pub slot: Option<Slot>,
-    pub subscription: Option<Subscription>,
+    /// Source to target.
+    pub forward: Stream,
+    /// Target to source: the rollback window.
+    pub back: Stream,
+    /// The target LSN the back stream starts from (recorded with the switch).
+    pub back_from: Option<String>,
+    /// The source LSN the forward stream resumes from after a rollback.
+    pub forward_from: Option<String>,
 }
 
 impl Database {
     pub fn has(&self, step: &str) -> bool {
         self.steps.iter().any(|s| s == step)
     }
-    /// The switch happened: the target has taken writes, nothing may undo the upgrade.
+    /// The switch happened: the target has taken writes, nothing but a rollback through the
+    /// window may undo the upgrade.
     pub fn switched(&self) -> bool {
         self.switched_at.is_some() || self.has(step::SWITCHED)
     }
+    /// The server whose database clients use now.
+    pub fn serving(&self) -> Side {
+        if self.switched() {
+            Side::Target
+        } else {
+            Side::Source
+        }
+    }
+    pub fn stream(&self, direction: Direction) -> &Stream {
+        match direction {
+            Direction::Forward => &self.forward,
+            Direction::Back => &self.back,
+        }
+    }
+    /// The forward subscription's (and slot's) name.
     pub fn subscription_name(&self) -> String {
         names::subscription(self.source_oid)
     }
-}
-
-/// The next thing to do for one database (pure: see `decide`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    CreateDatabase,
-    CopySchema,
-    ProtectTarget,
-    CreateSourceMeta,
-    CreatePublication,
-    CreateSlot,
-    CreateSubscription,
-    /// The subscription exists but its slot on the source is gone: it can never catch up.
-    Broken(String),
-    WaitForCopy,
-    Analyze,
-    /// In sync, ready for cutover.
-    Synced,
-    Switched,
-}
-
-/// Decides what a database needs next, from its observed state alone.
-pub fn decide(db: &Database) -> Action {
-    if db.switched() {
-        return Action::Switched;
-    }
-    if !db.target_exists {
-        return Action::CreateDatabase;
-    }
-    if !db.has(step::SCHEMA) {
-        return Action::CopySchema;
-    }
-    if !db.target_read_only {
-        return Action::ProtectTarget;
-    }
-    if !db.source_meta {
-        return Action::CreateSourceMeta;
-    }
-    if !db.publication {
-        return Action::CreatePublication;
-    }
-    match (&db.slot, &db.subscription) {
-        (None, None) => Action::CreateSlot,
-        (Some(_), None) => Action::CreateSubscription,
-        (None, Some(_)) => Action::Broken(format!(
-            "subscription {} exists on the target but its replication slot is missing on the source; \
-             run `pgshift abort` and start again",
-            db.subscription_name()
-        )),
-        (Some(_), Some(sub)) if sub.tables_total == 0 || sub.tables_ready < sub.tables_total => Action::WaitForCopy,
-        (Some(_), Some(_)) if !db.has(step::ANALYZED) => Action::Analyze,
-        _ => Action::Synced,
+    /// The name of a stream's subscription and slot.
+    pub fn stream_name(&self, direction: Direction) -> String {
+        match direction {
+            Direction::Forward => names::subscription(self.source_oid),
+            Direction::Back => names::back_subscription(self.source_oid),
+        }
     }
 }
 
@@ -137,19 +122,8 @@ pub async fn database(
         .await
         .on(Side::Source, "reading the database")?;
     let source_oid: u32 = row.get(0);
-    let slot_name = names::subscription(source_oid);
-    let slot = source_admin
-        .query_opt(
-            "SELECT active, (pg_current_wal_lsn() - coalesce(confirmed_flush_lsn, '0/0'))::int8
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot_name],
-        )
-        .await
-        .on(Side::Source, "reading the replication slot")?
-        .map(|r| Slot {
-            active: r.get(0),
-            lag_bytes: r.get(1),
-        });
+    let forward_name = names::subscription(source_oid);
+    let back_name = names::back_subscription(source_oid);
     let source_objects = source
         .query_one(
             "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL,
@@ -180,17 +154,63 @@ pub async fn database(
         source_read_only: row.get(2),
         target_read_only,
         source_meta: source_objects.get(0),
-        publication: source_objects.get(1),
-        slot,
+        forward: Stream {
+            publication: source_objects.get(1),
+            slot: slot(source_admin, Side::Source, &forward_name).await?,
+            subscription: None,
+        },
+        back: Stream {
+            publication: false,
+            slot: slot(target_admin, Side::Target, &back_name).await?,
+            subscription: subscription(source, Side::Source, &back_name).await?,
+        },
         ..Default::default()
     };
     if let Some(target) = target {
-        db.steps = steps(target).await?;
+        let records = records(target).await?;
+        let value = |step: &str| {
+            records
+                .iter()
+                .find(|(s, _)| s == step)
+                .and_then(|(_, v)| v.clone())
+        };
+        db.back_from = value(step::BACK_FROM);
+        db.forward_from = value(step::FORWARD_FROM);
+        db.steps = records.into_iter().map(|(s, _)| s).collect();
         db.switched_at = switch_record(target).await?;
         db.cleaned_up = db.switched_at.is_some() && !db.has(step::SWITCHED);
-        db.subscription = subscription(target, &slot_name).await?;
+        db.forward.subscription = subscription(target, Side::Target, &forward_name).await?;
+        db.back.publication = back_publication_exists(target).await?;
     }
     Ok(db)
+}
+
+/// Whether the target's database has the rollback window's publication.
+pub(crate) async fn back_publication_exists(target: &Client) -> Result<bool> {
+    Ok(target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&names::BACK_PUBLICATION],
+        )
+        .await
+        .on(Side::Target, "looking for pgshift's publication")?
+        .get(0))
+}
+
+/// A replication slot of pgshift's on `server`, with how far its consumer is behind.
+async fn slot(server: &Client, side: Side, name: &str) -> Result<Option<Slot>> {
+    Ok(server
+        .query_opt(
+            "SELECT active, (pg_current_wal_lsn() - coalesce(confirmed_flush_lsn, '0/0'))::int8
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .on(side, "reading the replication slot")?
+        .map(|r| Slot {
+            active: r.get(0),
+            lag_bytes: r.get(1),
+        }))
 }
 
 /// When the switch happened, from the comment on the target's `pgshift_meta` schema, which
@@ -209,6 +229,11 @@ pub async fn switch_record(target: &Client) -> Result<Option<String>> {
 
 /// The steps recorded in a target database's state table (none if the table is missing).
 pub async fn steps(target: &Client) -> Result<Vec<String>> {
+    Ok(records(target).await?.into_iter().map(|(s, _)| s).collect())
+}
+
+/// The state table's rows: step and value, in the order they were recorded.
+async fn records(target: &Client) -> Result<Vec<(String, Option<String>)>> {
     let exists: bool = target
         .query_one(
             "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
@@ -223,7 +248,7 @@ pub async fn steps(target: &Client) -> Result<Vec<String>> {
     Ok(target
         .query(
             &format!(
-                "SELECT step FROM {} ORDER BY done_at",
+                "SELECT step, value FROM {} ORDER BY done_at",
                 sql::qualified(names::META_SCHEMA, names::STATE_TABLE)
             ),
             &[],
@@ -231,12 +256,13 @@ pub async fn steps(target: &Client) -> Result<Vec<String>> {
         .await
         .on(Side::Target, "reading pgshift state")?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect())
 }
 
-async fn subscription(target: &Client, name: &str) -> Result<Option<Subscription>> {
-    let Some(row) = target
+/// A subscription of pgshift's in the database `client` is connected to.
+async fn subscription(client: &Client, side: Side, name: &str) -> Result<Option<Subscription>> {
+    let Some(row) = client
         .query_opt(
             "SELECT s.oid, s.subenabled,
                     (SELECT count(*) FROM pg_subscription_rel r WHERE r.srsubid = s.oid),
@@ -247,26 +273,33 @@ async fn subscription(target: &Client, name: &str) -> Result<Option<Subscription
             &[&name],
         )
         .await
-        .on(Side::Target, "reading the subscription")?
+        .on(side, "reading the subscription")?
     else {
         return Ok(None);
     };
     let oid: u32 = row.get(0);
-    let bytes_copied: i64 = target
-        .query_one(
-            "SELECT coalesce(sum(bytes_processed), 0)::int8 FROM pg_stat_progress_copy WHERE datname = current_database()",
-            &[],
-        )
-        .await
-        .on(Side::Target, "reading copy progress")?
-        .get(0);
-    let errors = subscription_errors(target, oid).await?;
+    let tables_copying: i64 = row.get(4);
+    // Only an initial copy has progress to read (pg_stat_progress_copy is 14+; a back stream's
+    // subscriber may be older).
+    let bytes_copied: i64 = if tables_copying == 0 {
+        0
+    } else {
+        client
+            .query_one(
+                "SELECT coalesce(sum(bytes_processed), 0)::int8 FROM pg_stat_progress_copy WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .on(side, "reading copy progress")?
+            .get(0)
+    };
+    let errors = subscription_errors(client, side, oid).await?;
     Ok(Some(Subscription {
         oid,
         enabled: row.get(1),
         tables_total: row.get(2),
         tables_ready: row.get(3),
-        tables_copying: row.get(4),
+        tables_copying,
         bytes_copied,
         errors,
         worker_running: row.get(5),
@@ -274,69 +307,79 @@ async fn subscription(target: &Client, name: &str) -> Result<Option<Subscription
 }
 
 /// Apply and table-sync errors the target counted for a subscription (PostgreSQL 15+; 0 before).
-async fn subscription_errors(target: &Client, oid: u32) -> Result<i64> {
-    let has_stats: bool = target
+async fn subscription_errors(client: &Client, side: Side, oid: u32) -> Result<i64> {
+    let has_stats: bool = client
         .query_one(
             "SELECT to_regclass('pg_catalog.pg_stat_subscription_stats') IS NOT NULL",
             &[],
         )
         .await
-        .on(Side::Target, "checking statistics views")?
+        .on(side, "checking statistics views")?
         .get(0);
     if !has_stats {
         return Ok(0);
     }
-    Ok(target
+    Ok(client
         .query_one(
             "SELECT coalesce(sum(apply_error_count + sync_error_count), 0)::int8 FROM pg_stat_subscription_stats WHERE subid = $1",
             &[&oid],
         )
         .await
-        .on(Side::Target, "reading subscription errors")?
+        .on(side, "reading subscription errors")?
         .get(0))
 }
 
-/// Why apply is failing, as the target reports it: the last replication errors in its log
-/// (when the log is readable over SQL), and tables or columns the target lacks.
-pub async fn apply_failure_cause(source: &Client, target: &Client) -> Result<String> {
-    let mut causes = schema_drift(source, target).await?;
-    if let Some(line) = last_replication_error(target).await {
+/// Why apply of a stream is failing, as its subscriber reports it: the last replication
+/// errors in its log (when the log is readable over SQL), and tables or columns it lacks.
+/// `publisher` and `subscriber` are a session in the database on each end.
+pub async fn apply_failure_cause(
+    publisher: (&Client, Side),
+    subscriber: (&Client, Side),
+) -> Result<String> {
+    let mut causes = schema_drift(publisher, subscriber).await?;
+    if let Some(line) = last_replication_error(subscriber.0).await {
         causes.push(line);
     }
     if causes.is_empty() {
-        causes.push("the target counts replication errors; its server log has the details".into());
+        causes.push(format!(
+            "the {} counts replication errors; its server log has the details",
+            subscriber.1
+        ));
     }
     Ok(causes.join("; "))
 }
 
-/// Columns and tables of the source that the target lacks: what DDL on the source during the
-/// upgrade leaves behind.
-pub async fn schema_drift(source: &Client, target: &Client) -> Result<Vec<String>> {
+/// Columns and tables of the publisher that the subscriber lacks: what DDL on the serving
+/// server during the upgrade (or the rollback window) leaves behind.
+pub async fn schema_drift(
+    (publisher, from): (&Client, Side),
+    (subscriber, to): (&Client, Side),
+) -> Result<Vec<String>> {
     let query = "SELECT format('%I.%I', n.nspname, c.relname), a.attname::text, format_type(a.atttypid, a.atttypmod)
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
-                   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'pgshift_meta')
                    AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
-    let on_source = columns(source, Side::Source, query).await?;
-    let on_target = columns(target, Side::Target, query).await?;
+    let published = columns(publisher, from, query).await?;
+    let subscribed = columns(subscriber, to, query).await?;
     let mut drift = Vec::new();
-    for (table, column, kind) in &on_source {
-        if !on_target.iter().any(|(t, _, _)| t == table) {
+    for (table, column, kind) in &published {
+        if !subscribed.iter().any(|(t, _, _)| t == table) {
             if !drift
                 .iter()
                 .any(|d: &String| d.contains(&format!("table {table} ")))
             {
                 drift.push(format!(
-                    "table {table} exists on the source but not on the target (created during the upgrade?): \
-                     create it on the target with the same definition, then run ALTER SUBSCRIPTION ... REFRESH PUBLICATION"
+                    "table {table} exists on the {from} but not on the {to} (created during the upgrade?): \
+                     create it on the {to} with the same definition, then run ALTER SUBSCRIPTION ... REFRESH PUBLICATION"
                 ));
             }
-        } else if !on_target.iter().any(|(t, c, _)| t == table && c == column) {
+        } else if !subscribed.iter().any(|(t, c, _)| t == table && c == column) {
             drift.push(format!(
-                "column {table}.{column} exists on the source but not on the target (DDL during the upgrade?): \
-                 on the target, run SET default_transaction_read_only = off; ALTER TABLE {table} ADD COLUMN {} {kind} \
-                 (pgshift keeps the target read-only until the cutover)",
+                "column {table}.{column} exists on the {from} but not on the {to} (DDL during the upgrade?): \
+                 on the {to}, run SET default_transaction_read_only = off; ALTER TABLE {table} ADD COLUMN {} {kind} \
+                 (pgshift keeps the {to} read-only while the other serves)",
                 sql::ident(column)
             ));
         }
@@ -392,84 +435,4 @@ async fn last_replication_error(target: &Client) -> Option<String> {
             .trim()
             .to_string(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn synced() -> Database {
-        Database {
-            name: "app".into(),
-            source_oid: 16384,
-            target_exists: true,
-            steps: vec![step::SCHEMA.into(), step::ANALYZED.into()],
-            source_meta: true,
-            target_read_only: true,
-            publication: true,
-            slot: Some(Slot {
-                active: true,
-                lag_bytes: 0,
-            }),
-            subscription: Some(Subscription {
-                tables_total: 3,
-                tables_ready: 3,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_fresh_database_starts_with_creating_it() {
-        assert_eq!(decide(&Database::default()), Action::CreateDatabase);
-    }
-
-    #[test]
-    fn steps_follow_in_order() {
-        let mut db = synced();
-        assert_eq!(decide(&db), Action::Synced);
-        db.steps.retain(|s| s != step::ANALYZED);
-        assert_eq!(decide(&db), Action::Analyze);
-        db.subscription.as_mut().unwrap().tables_ready = 2;
-        assert_eq!(decide(&db), Action::WaitForCopy);
-        db.subscription = None;
-        assert_eq!(decide(&db), Action::CreateSubscription);
-        db.slot = None;
-        assert_eq!(decide(&db), Action::CreateSlot);
-        db.publication = false;
-        assert_eq!(decide(&db), Action::CreatePublication);
-        db.source_meta = false;
-        assert_eq!(decide(&db), Action::CreateSourceMeta);
-        db.target_read_only = false;
-        assert_eq!(decide(&db), Action::ProtectTarget);
-        db.steps.clear();
-        assert_eq!(decide(&db), Action::CopySchema);
-    }
-
-    #[test]
-    fn a_subscription_without_its_slot_is_broken() {
-        let mut db = synced();
-        db.slot = None;
-        assert!(matches!(decide(&db), Action::Broken(_)));
-    }
-
-    #[test]
-    fn the_switch_record_that_outlives_cleanup_means_switched() {
-        let db = Database {
-            switched_at: Some("2026-12-01T10:00:00Z".into()),
-            cleaned_up: true,
-            target_exists: true,
-            ..Default::default()
-        };
-        assert_eq!(decide(&db), Action::Switched);
-    }
-
-    #[test]
-    fn switched_wins_over_everything() {
-        let mut db = synced();
-        db.steps.push(step::SWITCHED.into());
-        db.target_read_only = false;
-        assert_eq!(decide(&db), Action::Switched);
-    }
 }

@@ -221,38 +221,45 @@ pub fn write_config(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&temporary, path).map_err(io)
 }
 
-/// The entries pgshift moves: the named ones, or all that point at the source.
-pub fn entries_to_move(
+/// The entries pgshift moves that point at `address` now: the named ones (`--pgbouncer-db`),
+/// or all of them.
+pub fn entries_at(
     ini: &str,
     target: &PgbouncerTarget,
-    source: &Endpoint,
+    address: &(String, u16),
 ) -> Result<Vec<Entry>> {
     let all = entries(ini);
-    let (host, port) = target
-        .source_address
-        .clone()
-        .unwrap_or_else(|| (source.host.clone(), source.port));
-    let chosen: Vec<Entry> = if target.entries.is_empty() {
-        all.into_iter()
-            .filter(|e| e.host.as_deref() == Some(host.as_str()) && e.port.unwrap_or(5432) == port)
-            .collect()
-    } else {
-        let missing: Vec<&String> = target
-            .entries
-            .iter()
-            .filter(|n| !all.iter().any(|e| &e.name == *n))
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::Pgbouncer(format!(
-                "entries {missing:?} are not in the [databases] section of {}; check --pgbouncer-db",
-                target.config_path.display()
-            )));
-        }
-        all.into_iter()
-            .filter(|e| target.entries.contains(&e.name))
-            .collect()
-    };
-    Ok(chosen)
+    let missing: Vec<&String> = target
+        .entries
+        .iter()
+        .filter(|n| !all.iter().any(|e| &e.name == *n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Pgbouncer(format!(
+            "entries {missing:?} are not in the [databases] section of {}; check --pgbouncer-db",
+            target.config_path.display()
+        )));
+    }
+    let (host, port) = address;
+    Ok(all
+        .into_iter()
+        .filter(|e| target.entries.is_empty() || target.entries.contains(&e.name))
+        .filter(|e| e.host.as_deref() == Some(host.as_str()) && e.port.unwrap_or(5432) == *port)
+        .collect())
+}
+
+impl PgbouncerTarget {
+    /// How PgBouncer reaches a server whose URL is `endpoint`: the address given for it, or
+    /// the URL's.
+    pub fn address_of(&self, side: crate::error::Side, endpoint: &Endpoint) -> (String, u16) {
+        let given = match side {
+            crate::error::Side::Target => &self.target_address,
+            _ => &self.source_address,
+        };
+        given
+            .clone()
+            .unwrap_or_else(|| (endpoint.host.clone(), endpoint.port))
+    }
 }
 
 /// Before any fence: each moved entry that carries a user and password must be able to log in
@@ -302,6 +309,35 @@ impl Admin {
                     crate::error::server_message(&e)
                 ))
             })
+    }
+
+    /// RESUMEs the pooler as a whole (after a `PAUSE` without a database) if it is paused.
+    /// PgBouncer 1.21+ says whether it is (`SHOW STATE`); older ones only answer a RESUME of a
+    /// pooler that is not paused with an error whose text says so and whose SQLSTATE is the
+    /// generic 08P01 — that text is then the only signal there is.
+    pub async fn resume_if_paused(&self) -> Result<()> {
+        match self.client.simple_query("SHOW STATE").await {
+            Ok(messages) => {
+                let paused = messages.iter().any(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        row.get(0) == Some("paused") && row.get(1) == Some("yes")
+                    }
+                    _ => false,
+                });
+                if paused {
+                    self.command("RESUME").await?;
+                }
+                Ok(())
+            }
+            Err(_) => match self.client.simple_query("RESUME").await {
+                Ok(_) => Ok(()),
+                Err(error) if crate::error::server_message(&error).contains("not paused") => Ok(()),
+                Err(error) => Err(Error::Pgbouncer(format!(
+                    "RESUME failed: {}",
+                    crate::error::server_message(&error)
+                ))),
+            },
+        }
     }
 
     /// The databases PgBouncer reports as paused (`SHOW DATABASES`, column `paused`).

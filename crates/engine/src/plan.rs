@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+use crate::decide::Policy;
 use crate::endpoint::Endpoint;
 use crate::error::Result;
 use crate::pgbouncer::PgbouncerTarget;
@@ -44,20 +45,17 @@ pub struct Routed {
     pub router: Arc<dyn Router>,
 }
 
-/// Points the route that clients (or their poolers) use at the target server.
+/// Points the route that clients (or their poolers) use at one server.
 pub trait Router: Send + Sync + std::fmt::Debug {
-    /// Called at the point of no return, and again by recovery after a crash: it must be
-    /// idempotent, and return only once new connections reach the target.
-    fn route_to_target(&self) -> BoxFuture<'_, Result<()>>;
+    /// Points the route at `side`'s server: at the point of no return of a switch toward it,
+    /// again by recovery after a crash, and to undo `isolate` when an attempt is aborted. It
+    /// must be idempotent, and return only once new connections reach that server.
+    fn route_to(&self, side: crate::error::Side) -> BoxFuture<'_, Result<()>>;
 
     /// Without poolers, at the start of the fence: new connections go nowhere until the
     /// switch, so that a reconnecting client waits (its connection is refused) instead of
-    /// failing transactions against the read-only source.
+    /// failing transactions against the fenced server.
     fn isolate(&self) -> BoxFuture<'_, Result<()>>;
-
-    /// Undoes `isolate` when an attempt is aborted (or recovered): the route reaches the
-    /// source again. Idempotent.
-    fn restore(&self) -> BoxFuture<'_, Result<()>>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,8 +81,13 @@ pub struct Plan {
     pub schema_tools_in_target_image: bool,
     /// Address the target uses to reach the source, when it differs from the source URL's.
     pub source_address_for_target: Option<(String, u16)>,
-    /// A cutover starts only when every slot's lag is below this.
+    /// Address the source uses to reach the target (the rollback window's subscription), when
+    /// it differs from the target URL's.
+    pub target_address_for_source: Option<(String, u16)>,
+    /// A switch starts only when every slot's lag is below this.
     pub max_lag_bytes: i64,
+    /// Open the rollback window at the switch: the target publishes, the source subscribes.
+    pub rollback_window: bool,
     /// How many times an aborted cutover is tried again in one run.
     pub cutover_attempts: u32,
     /// pgshift's own binary, which runs the fence guard (`guard::SUBCOMMAND`) during each
@@ -107,7 +110,9 @@ impl Plan {
             pg_bin_dir: None,
             schema_tools_in_target_image: false,
             source_address_for_target: None,
-            max_lag_bytes: 8 * 1024 * 1024,
+            target_address_for_source: None,
+            max_lag_bytes: Policy::DEFAULT_MAX_LAG_BYTES,
+            rollback_window: true,
             cutover_attempts: 3,
             fence_guard: None,
             command: "engine".into(),
@@ -116,11 +121,30 @@ impl Plan {
 
     /// The conninfo the target's subscription uses to reach one source database.
     pub fn source_conninfo_for_target(&self, database: &str) -> String {
-        let mut endpoint = self.source.with_dbname(database);
-        if let Some((host, port)) = &self.source_address_for_target {
-            endpoint.host = host.clone();
-            endpoint.port = *port;
-        }
-        endpoint.conninfo()
+        reached_as(&self.source, database, &self.source_address_for_target)
     }
+
+    /// The conninfo the source's subscription (the rollback window) uses to reach the target.
+    pub fn target_conninfo_for_source(&self, database: &str) -> String {
+        reached_as(&self.target, database, &self.target_address_for_source)
+    }
+
+    /// What was asked for, as the decision takes it (`rollback`: go back through the window).
+    pub fn policy(&self, rollback: bool) -> Policy {
+        Policy {
+            cutover: self.cutover,
+            max_lag_bytes: self.max_lag_bytes,
+            rollback_window: self.rollback_window,
+            rollback,
+        }
+    }
+}
+
+fn reached_as(server: &Endpoint, database: &str, address: &Option<(String, u16)>) -> String {
+    let mut endpoint = server.with_dbname(database);
+    if let Some((host, port)) = address {
+        endpoint.host = host.clone();
+        endpoint.port = *port;
+    }
+    endpoint.conninfo()
 }

@@ -35,22 +35,42 @@ pub fn create_meta_objects(with_state: bool) -> String {
     sql
 }
 
-/// Records the switch of one target database, in one transaction: the state row (whose time
-/// the first recording keeps) and the comment on `pgshift_meta` that repeats it and outlives
-/// cleanup.
+/// Records the forward switch of one target database, in one transaction: the state row (the
+/// first recording's time stays), the target LSN the back stream starts from (read now, before
+/// the target takes a client write), and the comment on `pgshift_meta` that repeats the time
+/// and outlives cleanup.
 pub fn record_switch(at: &str) -> String {
     let state = qualified(names::META_SCHEMA, names::STATE_TABLE);
     format!(
-        "INSERT INTO {state} (step, value) VALUES ({step}, {at}) ON CONFLICT DO NOTHING;
+        "WITH switched AS (INSERT INTO {state} (step, value) VALUES ({step}, {at}) ON CONFLICT DO NOTHING RETURNING 1)
+         INSERT INTO {state} (step, value) SELECT {back_from}, pg_catalog.pg_current_wal_lsn()::text FROM switched
+         ON CONFLICT (step) DO UPDATE SET value = EXCLUDED.value, done_at = clock_timestamp();
          DO $pgshift$ BEGIN
            EXECUTE pg_catalog.format('COMMENT ON SCHEMA %I IS %L', {schema},
              {prefix} || (SELECT value FROM {state} WHERE step = {step}) || {suffix});
          END $pgshift$;",
         step = literal(names::step::SWITCHED),
+        back_from = literal(names::step::BACK_FROM),
         at = literal(at),
         schema = literal(names::META_SCHEMA),
         prefix = literal(names::SWITCH_RECORD_PREFIX),
         suffix = literal(SWITCH_RECORD_SUFFIX),
+    )
+}
+
+/// Records a rollback of one target database, in one transaction: the switch record goes
+/// (clients use the source again) and the source LSN the forward stream resumes from is kept.
+pub fn record_rollback(point: &str) -> String {
+    let state = qualified(names::META_SCHEMA, names::STATE_TABLE);
+    format!(
+        "WITH back AS (DELETE FROM {state} WHERE step = {step} RETURNING 1)
+         INSERT INTO {state} (step, value) SELECT {forward_from}, {point} FROM back
+         ON CONFLICT (step) DO UPDATE SET value = EXCLUDED.value, done_at = clock_timestamp();
+         COMMENT ON SCHEMA {schema} IS NULL;",
+        step = literal(names::step::SWITCHED),
+        forward_from = literal(names::step::FORWARD_FROM),
+        point = literal(point),
+        schema = ident(names::META_SCHEMA),
     )
 }
 
@@ -86,14 +106,31 @@ pub fn create_publication() -> String {
     )
 }
 
-pub fn create_subscription(name: &str, conninfo: &str) -> String {
+/// A subscription on a slot pgshift made. With `copy_data` it copies every table first and
+/// starts at once; without, it starts disabled, to be started at a switch point.
+pub fn create_subscription(
+    name: &str,
+    conninfo: &str,
+    publication: &str,
+    copy_data: bool,
+) -> String {
     format!(
         "CREATE SUBSCRIPTION {sub} CONNECTION {conn} PUBLICATION {publication} \
-         WITH (create_slot = false, slot_name = {slot}, copy_data = true, enabled = true)",
+         WITH (create_slot = false, slot_name = {slot}, copy_data = {copy_data}, enabled = {copy_data})",
         sub = ident(name),
         conn = literal(conninfo),
-        publication = ident(names::PUBLICATION),
+        publication = ident(publication),
         slot = literal(name),
+    )
+}
+
+/// A publication of exactly these tables (schema, name).
+pub fn create_table_list_publication(name: &str, tables: &[(String, String)]) -> String {
+    let list: Vec<String> = tables.iter().map(|(s, t)| qualified(s, t)).collect();
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        ident(name),
+        list.join(", ")
     )
 }
 
@@ -220,10 +257,23 @@ mod tests {
     #[test]
     fn identifiers_and_literals_are_quoted() {
         assert_eq!(qualified("we\"ird", "t"), "\"we\"\"ird\".\"t\"");
-        let sql = create_subscription("pgshift_16384", r"host='h' password='a\'b'");
+        let sql = create_subscription(
+            "pgshift_16384",
+            r"host='h' password='a\'b'",
+            names::PUBLICATION,
+            true,
+        );
         assert_eq!(
             sql,
             r#"CREATE SUBSCRIPTION "pgshift_16384" CONNECTION  E'host=''h'' password=''a\\''b''' PUBLICATION "pgshift_pub" WITH (create_slot = false, slot_name = 'pgshift_16384', copy_data = true, enabled = true)"#
+        );
+    }
+
+    #[test]
+    fn a_table_list_publication_quotes_every_name() {
+        assert_eq!(
+            create_table_list_publication("pgshift_back_pub", &[("public".into(), "a\"b".into())]),
+            r#"CREATE PUBLICATION "pgshift_back_pub" FOR TABLE "public"."a""b""#
         );
     }
 

@@ -3,33 +3,27 @@
 //! is made from observation, so `run` resumes after a crash at any point.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::cutover::{self, CutoverReport};
+use crate::cutover::{self, CutoverReport, Server, Switch};
+use crate::decide::{self, Action, Direction, Next, Policy};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::{Event, EventSink, Phase};
 use crate::lock;
 use crate::names::{self, step};
-use crate::observe::{self, Action, Database};
-use crate::plan::{CutoverMode, Databases, Plan};
+use crate::observe::{self, Database};
+use crate::plan::{Databases, Plan, Traffic};
 use crate::preflight::{self, Report};
-use crate::schema::{self, Tools};
+use crate::schema;
 use crate::session::open;
 use crate::sql;
 
 /// Where pgshift's server-wide session on the target lives.
 const MAINTENANCE_DB: &str = "postgres";
-
-/// How long to wait between observations while the copy or catch-up runs.
-const POLL: Duration = Duration::from_millis(500);
-
-/// How long a probe marker may take to arrive before a cutover: past it, apply is stalled or
-/// failing, and pgshift finds out why instead of fencing writes.
-const APPLY_PROBE: Duration = Duration::from_secs(10);
 
 /// How a `run` ended.
 #[derive(Debug, Clone, Serialize)]
@@ -52,8 +46,11 @@ pub enum Advance {
         database: String,
         action: Action,
     },
-    /// Nothing to do now; each database with what it waits for.
-    Settled(Vec<(Database, Action)>),
+    /// Nothing to do now: each database with what it waits for, and what comes next.
+    Settled {
+        databases: Vec<(Database, Action)>,
+        next: Next,
+    },
 }
 
 /// pgshift's sessions in one database, on both sides (their source PIDs are in
@@ -77,7 +74,7 @@ pub struct Upgrade {
     pub(crate) target_admin_endpoint: Endpoint,
     /// The upgrade lock (or, in the fence guard, the fence lock), held while this lives.
     locks: Option<lock::Held>,
-    phases: Vec<PhaseTiming>,
+    pub(crate) phases: Vec<PhaseTiming>,
     current_phase: Option<(Phase, Instant)>,
 }
 
@@ -174,6 +171,11 @@ impl Upgrade {
             .collect())
     }
 
+    /// The plan's policy (`rollback`: go back through the window).
+    pub fn policy(&self, rollback: bool) -> Policy {
+        self.plan.policy(rollback)
+    }
+
     pub fn databases(&self) -> &[String] {
         &self.databases
     }
@@ -182,7 +184,7 @@ impl Upgrade {
         (self.events)(event);
     }
 
-    fn enter(&mut self, phase: Phase) {
+    pub(crate) fn enter(&mut self, phase: Phase) {
         if self.current_phase.map(|(p, _)| p) == Some(phase) {
             return;
         }
@@ -191,7 +193,7 @@ impl Upgrade {
         self.emit(Event::Phase { phase });
     }
 
-    fn close_phase(&mut self) {
+    pub(crate) fn close_phase(&mut self) {
         if let Some((phase, started)) = self.current_phase.take() {
             self.phases.push(PhaseTiming {
                 name: phase.name(),
@@ -266,150 +268,49 @@ impl Upgrade {
         Ok(all)
     }
 
-    /// Runs the upgrade from wherever it stands to the end (or to ready-for-cutover in manual
-    /// mode). Refuses to start when preflight finds blockers.
-    pub async fn run(&mut self) -> Result<Outcome> {
-        self.enter(Phase::Preflight);
-        let report = self.preflight().await?;
-        for warning in &report.warnings {
-            self.emit(Event::Warning {
-                message: warning.to_string(),
-            });
-        }
-        if !report.ready() {
-            return Err(blocked(&report));
-        }
-        cutover::recover(self).await?;
-        let mut previous_errors: HashMap<String, i64> = HashMap::new();
-        let mut baseline_errors: Option<HashMap<String, i64>> = None;
-        let mut rates = RateMeter::default();
-        let mut attempts = 0;
-        let mut last_cutover = None;
-        loop {
-            let actions = match self.advance().await? {
-                Advance::Acted { .. } => continue,
-                Advance::Settled(actions) => actions,
-            };
-            // Errors the target counted before this run are history; new ones are what matter.
-            let baseline = baseline_errors.get_or_insert_with(|| error_counts(&actions));
-            if actions.iter().all(|(_, a)| *a == Action::Switched) {
-                self.enter(Phase::Done);
-                self.close_phase();
-                return Ok(Outcome {
-                    finished: Phase::Done,
-                    phases: std::mem::take(&mut self.phases),
-                    cutover: last_cutover,
-                });
-            }
-            if let Some((db, Action::Broken(why))) =
-                actions.iter().find(|(_, a)| matches!(a, Action::Broken(_)))
-            {
-                return Err(Error::State(format!("database {}: {why}", db.name)));
-            }
-            self.check_apply(&actions, &mut previous_errors).await?;
-            if actions.iter().any(|(_, a)| *a == Action::WaitForCopy) {
-                self.enter(Phase::Replicate);
-                for (db, _) in &actions {
-                    if let Some(sub) = &db.subscription {
-                        self.emit(Event::Copy {
-                            database: db.name.clone(),
-                            tables_ready: sub.tables_ready,
-                            tables_total: sub.tables_total,
-                            tables_copying: sub.tables_copying,
-                            bytes_copied: sub.bytes_copied,
-                            bytes_total: db.source_bytes,
-                        });
-                    }
-                }
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            // Every database is Synced: catch up, then cut over.
-            self.enter(Phase::CatchUp);
-            let lag: i64 = actions
-                .iter()
-                .filter_map(|(db, _)| db.slot.as_ref())
-                .map(|s| s.lag_bytes)
-                .max()
-                .unwrap_or(0);
-            let (source_rate, applied_rate) = rates.sample(&self.source_admin, lag).await?;
-            self.emit(Event::CatchUp {
-                lag_bytes: lag,
-                source_bytes_per_s: source_rate,
-                applied_bytes_per_s: applied_rate,
-            });
-            if lag > self.plan.max_lag_bytes {
-                tokio::time::sleep(POLL).await;
-                continue;
-            }
-            if !self.apply_proven(baseline).await? {
-                continue;
-            }
-            if self.plan.cutover == CutoverMode::Manual {
-                self.enter(Phase::ReadyForCutover);
-                self.close_phase();
-                return Ok(Outcome {
-                    finished: Phase::ReadyForCutover,
-                    phases: std::mem::take(&mut self.phases),
-                    cutover: None,
-                });
-            }
-            self.enter(Phase::Cutover);
-            match cutover::cutover(self).await {
-                Ok(report) => last_cutover = Some(report),
-                Err(Error::CutoverAborted {
-                    step,
-                    elapsed,
-                    budget,
-                }) if attempts + 1 < self.plan.cutover_attempts => {
-                    attempts += 1;
-                    // The attempt itself reported CutoverAborted; say what happens next.
-                    self.emit(Event::Warning {
-                        message: format!(
-                            "{step} took longer than the budget ({elapsed:?} of {budget:?}); trying again"
-                        ),
-                    });
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(error) => return Err(error),
-            }
-        }
-    }
-
-    /// Observes, and performs the first step that some database needs (at most one). Returns
-    /// what it did, or every database's state when nothing is left but waiting, the cutover,
-    /// or nothing at all. `run` is a loop around this; tests use it to stop between steps.
+    /// Observes, and performs the first step that some database needs (at most one), as the
+    /// plan's policy decides (forward). Returns what it did, or where things settled. Tests use
+    /// it to stop between steps.
     pub async fn advance(&mut self) -> Result<Advance> {
-        let actions = self.next_steps().await?;
-        match actions.iter().find(|(_, a)| is_work(a)) {
-            Some((db, action)) => {
-                self.act(db, action).await?;
-                Ok(Advance::Acted {
-                    database: db.name.clone(),
-                    action: action.clone(),
-                })
-            }
-            None => Ok(Advance::Settled(actions)),
-        }
+        let policy = self.plan.policy(false);
+        self.advance_with(&policy).await
     }
 
-    /// Finishes or undoes a cutover that a crash interrupted (see `cutover::recover`); does
+    /// `advance` under `policy`.
+    pub async fn advance_with(&mut self, policy: &Policy) -> Result<Advance> {
+        let (databases, next) = self.decided(policy).await?;
+        if let Next::Act { database, action } = next {
+            let db = databases
+                .into_iter()
+                .find(|(d, _)| d.name == database)
+                .map(|(d, _)| d)
+                .expect("the decision names an observed database");
+            self.act(&db, &action).await?;
+            return Ok(Advance::Acted { database, action });
+        }
+        Ok(Advance::Settled { databases, next })
+    }
+
+    /// Finishes or undoes a switch that a crash interrupted (see `cutover::recover`); does
     /// nothing when none was interrupted.
     pub async fn recover(&mut self) -> Result<()> {
         cutover::recover(self).await
     }
 
-    /// Every database with the step it needs next, without acting.
-    pub async fn next_steps(&mut self) -> Result<Vec<(Database, Action)>> {
-        Ok(self
+    /// Every database with the step it needs next, and the next thing for the whole upgrade
+    /// under `policy`, without acting (`decide`).
+    pub async fn decided(&mut self, policy: &Policy) -> Result<(Vec<(Database, Action)>, Next)> {
+        let databases: Vec<(Database, Action)> = self
             .observe()
             .await?
             .into_iter()
             .map(|db| {
-                let action = observe::decide(&db);
+                let action = decide::decide(&db, policy);
                 (db, action)
             })
-            .collect())
+            .collect();
+        let next = decide::next(&databases, policy);
+        Ok((databases, next))
     }
 
     /// The first half of `CopySchema`, for a caller that restores the schema with tools of its
@@ -432,70 +333,11 @@ impl Upgrade {
         Ok(())
     }
 
-    /// Runs the cutover now (manual mode's second half): the databases must be in sync.
-    pub async fn cutover_now(&mut self) -> Result<CutoverReport> {
-        cutover::recover(self).await?;
-        let observed = self.observe().await?;
-        if observed
-            .iter()
-            .all(|db| observe::decide(db) == Action::Switched)
-        {
-            return Err(Error::State(
-                "the cutover is already done; nothing to do".into(),
-            ));
-        }
-        if let Some(db) = observed
-            .iter()
-            .find(|db| observe::decide(db) != Action::Synced)
-        {
-            return Err(Error::State(format!(
-                "database {} is not in sync yet ({:?}); run `pgshift run --cutover manual` until it reports ready",
-                db.name,
-                observe::decide(db)
-            )));
-        }
-        let actions: Vec<(Database, Action)> =
-            observed.into_iter().map(|d| (d, Action::Synced)).collect();
-        if !self.apply_proven(&error_counts(&actions)).await? {
-            return Err(Error::State(format!(
-                "a probe row written on the source did not reach the target within {APPLY_PROBE:?}: \
-                 the target is still catching up or its apply is blocked; nobody was paused. \
-                 Check `pgshift status` and the target's locks, then try again"
-            )));
-        }
-        cutover::cutover(self).await
-    }
-
-    /// True when a probe marker reached the target. When it did not, and the target counts new
-    /// replication errors or its apply worker is down, fails with the cause.
-    async fn apply_proven(&mut self, baseline: &HashMap<String, i64>) -> Result<bool> {
-        if cutover::apply_is_flowing(self, APPLY_PROBE).await? {
-            return Ok(true);
-        }
-        for db in self.observe().await? {
-            let Some(sub) = &db.subscription else {
-                continue;
-            };
-            let new_errors = sub.errors > baseline.get(&db.name).copied().unwrap_or(0);
-            if new_errors || !sub.worker_running {
-                return Err(self.apply_failure(&db.name).await?);
-            }
-        }
-        Ok(false)
-    }
-
-    /// The `ApplyFailing` error for a database, with the cause read from the target (also
-    /// sent as an event).
-    /// Why apply into `database` fails, read from the target's log and schema drift: an
-    /// `ApplyFailing` error to report (the caller saw the target count new errors).
+    /// Why apply into `database` fails, on the stream that runs now (forward before the
+    /// switch, back after it), read from the subscriber's log and from schema drift: an
+    /// `ApplyFailing` error to report (the caller saw new errors counted). Also an event.
     pub async fn apply_failure(&mut self, database: &str) -> Result<Error> {
-        self.db(database).await?;
-        let connections = self.conns(database);
-        let target = connections
-            .target
-            .as_ref()
-            .expect("a subscription implies the database");
-        let cause = observe::apply_failure_cause(&connections.source, target).await?;
+        let cause = self.stream_failure_cause(database).await?;
         self.emit(Event::ApplyFailing {
             database: database.to_string(),
             cause: cause.clone(),
@@ -506,155 +348,68 @@ impl Upgrade {
         })
     }
 
-    /// Refuses to go on while the target counts new replication errors, and says why.
-    async fn check_apply(
-        &mut self,
-        actions: &[(Database, Action)],
-        previous: &mut HashMap<String, i64>,
-    ) -> Result<()> {
-        for (db, _) in actions {
-            let Some(sub) = &db.subscription else {
-                continue;
-            };
-            let before = previous.insert(db.name.clone(), sub.errors);
-            if before.is_some_and(|b| sub.errors > b) {
-                return Err(self.apply_failure(&db.name).await?);
-            }
-        }
-        Ok(())
+    /// What breaks the stream that runs now for `database`.
+    pub(crate) async fn stream_failure_cause(&mut self, database: &str) -> Result<String> {
+        self.db(database).await?;
+        let switched = observe::switch_record(self.target_of(database))
+            .await?
+            .is_some()
+            || observe::steps(self.target_of(database))
+                .await?
+                .iter()
+                .any(|s| s == step::SWITCHED);
+        let source = (&self.conns(database).source, Side::Source);
+        let target = (self.target_of(database), Side::Target);
+        let (publisher, subscriber) = if switched {
+            (target, source)
+        } else {
+            (source, target)
+        };
+        observe::apply_failure_cause(publisher, subscriber).await
     }
 
-    async fn act(&mut self, db: &Database, action: &Action) -> Result<()> {
-        let name = db.name.clone();
-        self.emit(Event::Step {
-            database: name.clone(),
-            step: format!("{action:?}"),
-        });
-        match action {
-            Action::CreateDatabase | Action::CopySchema => self.enter(Phase::Schema),
-            _ => self.enter(Phase::Replicate),
+    /// Everything one switch in `direction` works on (see `cutover::Switch`).
+    pub(crate) fn switch_inputs(&self, direction: Direction) -> Switch<'_> {
+        let address = |side: Side, endpoint: &Endpoint| match &self.plan.traffic {
+            Traffic::Pgbouncer(target) => target.address_of(side, endpoint),
+            _ => (endpoint.host.clone(), endpoint.port),
+        };
+        let targets: Vec<&Client> = self.databases.iter().map(|n| self.target_of(n)).collect();
+        let source = Server {
+            side: Side::Source,
+            endpoint: &self.plan.source,
+            admin: &self.source_admin,
+            databases: self
+                .databases
+                .iter()
+                .map(|n| &self.conns(n).source)
+                .collect(),
+            own_pids: self.own_source_pids.clone(),
+            pgbouncer_address: address(Side::Source, &self.plan.source),
+        };
+        let target = Server {
+            side: Side::Target,
+            endpoint: &self.plan.target,
+            admin: &self.target_admin,
+            databases: targets.clone(),
+            own_pids: self.own_target_pids.clone(),
+            pgbouncer_address: address(Side::Target, &self.plan.target),
+        };
+        let (from, to) = match direction {
+            Direction::Forward => (source, target),
+            Direction::Back => (target, source),
+        };
+        Switch {
+            direction,
+            databases: &self.databases,
+            from,
+            to,
+            records: targets,
+            traffic: &self.plan.traffic,
+            budget: self.plan.max_pause,
+            events: &self.events,
         }
-        match action {
-            Action::CreateDatabase => {
-                // The database's owner may be a role the target does not have yet.
-                schema::sync_roles(&self.source_admin, &self.target_admin).await?;
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                schema::ensure_target_database(&connections.source, &self.target_admin, &name)
-                    .await?;
-                // Reconnect to pick up the new database.
-                self.db(&name).await?;
-            }
-            Action::CopySchema if self.plan.schema_tools_in_target_image => {
-                return Err(Error::State(format!(
-                    "database {name} needs its schema copied, which this caller does with the target image's tools"
-                )));
-            }
-            Action::CopySchema => {
-                let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
-                    .ok_or_else(|| Error::Tool("pg_dump not found; pass --pg-bin-dir".into()))?;
-                self.prepare_schema_copy(&name).await?;
-                schema::copy_schema(
-                    &tools,
-                    &self.plan.source.with_dbname(&name),
-                    &self.plan.target.with_dbname(&name),
-                )
-                .await?;
-            }
-            Action::ProtectTarget => {
-                // Nobody but pgshift may write to the target until the switch.
-                self.target_admin
-                    .batch_execute(&sql::set_database_read_only(&name, true))
-                    .await
-                    .on(
-                        Side::Target,
-                        "making the target database read-only until cutover",
-                    )?;
-            }
-            Action::CreateSourceMeta => {
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                connections
-                    .source
-                    .batch_execute(&sql::create_meta_objects(false))
-                    .await
-                    .on(Side::Source, "creating the marker table")?;
-            }
-            Action::CreatePublication => {
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                connections
-                    .source
-                    .batch_execute(&sql::create_publication())
-                    .await
-                    .on(Side::Source, "creating the publication")
-                    .or_else(Error::made_meanwhile)?;
-            }
-            Action::CreateSlot => {
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                connections
-                    .source
-                    .query_one(
-                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                        &[&db.subscription_name()],
-                    )
-                    .await
-                    .map(|_| ())
-                    .on(Side::Source, "creating the replication slot")
-                    .or_else(Error::made_meanwhile)?;
-            }
-            Action::CreateSubscription => {
-                let conninfo = self.plan.source_conninfo_for_target(&name);
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                connections
-                    .target
-                    .as_ref()
-                    .expect("database exists")
-                    .batch_execute(&sql::create_subscription(
-                        &db.subscription_name(),
-                        &conninfo,
-                    ))
-                    .await
-                    .on(Side::Target, "creating the subscription")
-                    .or_else(Error::made_meanwhile)?;
-            }
-            Action::Analyze => {
-                self.enter(Phase::CatchUp);
-                self.db(&name).await?;
-                let connections = self.conns(&name);
-                let target = connections.target.as_ref().expect("database exists");
-                refresh_materialized_views(target).await?;
-                target
-                    .batch_execute(sql::analyze())
-                    .await
-                    .on(Side::Target, "analyzing the target (planner statistics)")?;
-                record_step(target, step::ANALYZED).await?;
-            }
-            Action::WaitForCopy | Action::Synced | Action::Switched | Action::Broken(_) => {}
-        }
-        Ok(())
     }
-}
-
-fn error_counts(actions: &[(Database, Action)]) -> HashMap<String, i64> {
-    actions
-        .iter()
-        .filter_map(|(db, _)| {
-            db.subscription
-                .as_ref()
-                .map(|s| (db.name.clone(), s.errors))
-        })
-        .collect()
-}
-
-/// An action that changes something (as opposed to waiting or being done).
-fn is_work(action: &Action) -> bool {
-    !matches!(
-        action,
-        Action::WaitForCopy | Action::Synced | Action::Switched | Action::Broken(_)
-    )
 }
 
 pub(crate) fn blocked(report: &Report) -> Error {
@@ -700,55 +455,4 @@ pub(crate) async fn forget_step(target: &Client, name: &str) -> Result<()> {
         .await
         .on(Side::Target, &format!("clearing step {name}"))?;
     Ok(())
-}
-
-/// Materialized views hold no replicated rows: fill them from the replicated tables.
-async fn refresh_materialized_views(target: &Client) -> Result<()> {
-    let views = target
-        .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'm' ORDER BY 1, 2",
-            &[],
-        )
-        .await
-        .on(Side::Target, "listing materialized views")?;
-    for view in views {
-        let (schema, name): (String, String) = (view.get(0), view.get(1));
-        target
-            .batch_execute(&sql::refresh_materialized_view(&schema, &name))
-            .await
-            .on(
-                Side::Target,
-                &format!("refreshing materialized view {schema}.{name}"),
-            )?;
-    }
-    Ok(())
-}
-
-/// Source WAL rate against the rate at which lag shrinks, from successive samples.
-#[derive(Default)]
-struct RateMeter {
-    last: Option<(Instant, i64, i64)>,
-}
-
-impl RateMeter {
-    async fn sample(&mut self, source: &Client, lag: i64) -> Result<(f64, f64)> {
-        let wal: i64 = source
-            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
-            .await
-            .on(Side::Source, "reading the WAL position")?
-            .get(0);
-        let now = Instant::now();
-        let rates = match self.last {
-            Some((then, last_wal, last_lag)) => {
-                let seconds = now.duration_since(then).as_secs_f64().max(1e-3);
-                let written = (wal - last_wal) as f64 / seconds;
-                let applied = written + (last_lag - lag) as f64 / seconds;
-                (written, applied.max(0.0))
-            }
-            None => (0.0, 0.0),
-        };
-        self.last = Some((now, wal, lag));
-        Ok(rates)
-    }
 }

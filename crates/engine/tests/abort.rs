@@ -47,14 +47,13 @@ async fn abort_after_each_step_restores_the_source() {
         while performed.len() < stop_after {
             match upgrade.advance().await.unwrap() {
                 Advance::Acted { action, .. } => performed.push(action),
-                Advance::Settled(states)
-                    if states
-                        .iter()
-                        .all(|(_, a)| *a == pgshift_engine::observe::Action::WaitForCopy) =>
-                {
+                Advance::Settled {
+                    next: pgshift_engine::decide::Next::WaitForCopy,
+                    ..
+                } => {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
-                Advance::Settled(_) => {
+                Advance::Settled { .. } => {
                     steps_done_in_full_run = Some(performed.len());
                     break;
                 }
@@ -80,6 +79,7 @@ async fn abort_after_each_step_restores_the_source() {
             break;
         }
     }
-    // Create database, schema, protect, marker, publication, slot, subscription, analyze.
-    assert_eq!(steps_done_in_full_run, Some(8));
+    // Create database, schema, protect, marker, publication, slot, subscription, analyze, and
+    // the rollback window's publication and slot on the target.
+    assert_eq!(steps_done_in_full_run, Some(9));
 }

@@ -84,6 +84,8 @@ pub async fn connect(
     plan.schema_tools_in_target_image = true;
     // The operator drives one attempt per reconcile and counts them itself.
     plan.cutover_attempts = 1;
+    // No rollback window in the operator yet: its router moves clients to the target only.
+    plan.rollback_window = false;
     // No fence guard: a killed operator's pod takes a guard with it; the next leader recovers.
     plan.command = format!("operator for {}/{}", v.namespace, v.names.upgrade);
     let name = v.names.upgrade.clone();

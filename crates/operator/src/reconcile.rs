@@ -13,8 +13,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, Client, Resource, ResourceExt};
-use pgshift_engine::observe::{Action as Step, Database};
-use pgshift_engine::{Endpoint, Error as EngineError, Upgrade};
+use pgshift_engine::decide::{Action as Step, Next, Policy};
+use pgshift_engine::observe::Database;
+use pgshift_engine::{
+    CutoverMode as EngineCutover, Endpoint, Error as EngineError, Phase as EnginePhase, Side,
+    Upgrade,
+};
 use serde_json::json;
 
 use crate::build;
@@ -38,9 +42,6 @@ pub struct Context {
 const SOON: Duration = Duration::from_millis(500);
 const POLL: Duration = Duration::from_secs(2);
 const SLOW: Duration = Duration::from_secs(30);
-/// A cutover starts only when the target is this close (the engine then proves it with a
-/// probe row before pausing anyone).
-const MAX_LAG_BYTES: i64 = 8 * 1024 * 1024;
 
 pub async fn reconcile(upgrade: Arc<PostgresUpgrade>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.start_reconcile();
@@ -132,13 +133,21 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         return Ok(Action::requeue(SLOW));
     }
 
-    let steps = up.next_steps().await?;
+    let cutover = &v.upgrade.spec.cutover;
+    let policy = Policy {
+        cutover: match cutover.mode {
+            CutoverMode::Manual if !cutover.approved => EngineCutover::Manual,
+            _ => EngineCutover::Automatic,
+        },
+        ..up.policy(false)
+    };
+    let (steps, next) = up.decided(&policy).await?;
     let failing = report.new_apply_errors(&steps);
     report.databases(&steps);
     if let Some(database) = failing.first() {
         return Err(up.apply_failure(database).await?.into());
     }
-    let switched = steps.iter().any(|(_, s)| *s == Step::Switched);
+    let switched = steps.iter().any(|(db, _)| db.serving() == Side::Target);
     if v.upgrade.spec.traffic.mode == TrafficMode::PgBouncer && !switched {
         if !provision_pgbouncer(&v, ctx, report).await? {
             return Ok(Action::requeue(POLL));
@@ -152,48 +161,56 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         }
     }
 
-    if steps.iter().all(|(_, s)| *s == Step::Switched) {
-        complete(&v, ctx, &mut up, report).await?;
-        return Ok(Action::await_change());
-    }
-    if let Some((db, why)) = steps.iter().find_map(|(db, s)| match s {
-        Step::Broken(why) => Some((db, why)),
-        _ => None,
-    }) {
-        return Err(EngineError::State(format!("database {}: {why}", db.name)).into());
-    }
-    if let Some((db, action)) = steps.iter().find(|(_, s)| is_work(s)) {
-        if *action == Step::CopySchema {
-            return copy_schema(&v, ctx, &mut up, db, report).await;
+    match next {
+        Next::Done | Next::WindowOpen => {
+            complete(&v, ctx, &mut up, report).await?;
+            Ok(Action::await_change())
         }
-        let phase = match action {
-            Step::CreateDatabase => Phase::CopyingSchema,
-            Step::Analyze => Phase::CatchingUp,
-            _ => Phase::Replicating,
-        };
-        report.phase(
-            phase,
-            "Progressing",
-            &format!("database {}: {action:?}", db.name),
-        );
-        up.advance().await?;
-        return Ok(Action::requeue(SOON));
+        Next::Broken { database, why } => Err(EngineError::Broken { database, why }.into()),
+        Next::Act { database, action } => {
+            if action == Step::CopySchema {
+                let db = steps
+                    .iter()
+                    .find(|(d, _)| d.name == database)
+                    .map(|(d, _)| d.clone())
+                    .expect("the decision names an observed database");
+                return copy_schema(&v, ctx, &mut up, &db, report).await;
+            }
+            report.phase(
+                phase_of(action.phase()),
+                "Progressing",
+                &format!("database {database}: {action:?}"),
+            );
+            up.advance_with(&policy).await?;
+            Ok(Action::requeue(SOON))
+        }
+        Next::WaitForCopy => {
+            report.phase(Phase::Replicating, "InitialCopy", "copying tables");
+            Ok(Action::requeue(POLL))
+        }
+        Next::CatchUp { .. } => {
+            report.phase(Phase::CatchingUp, "CatchingUp", "the target is catching up");
+            Ok(Action::requeue(POLL))
+        }
+        Next::ReadyForCutover => {
+            report.ready_for_cutover();
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Next::Cutover(_) => cut_over(upgrade, ctx, &mut up, report).await,
+        Next::CannotRollBack { why, .. } => Err(EngineError::CannotRollBack { why }.into()),
     }
-    if steps.iter().any(|(_, s)| *s == Step::WaitForCopy) {
-        report.phase(Phase::Replicating, "InitialCopy", "copying tables");
-        return Ok(Action::requeue(POLL));
+}
+
+/// The resource's phase for the engine's phase of a step.
+fn phase_of(phase: EnginePhase) -> Phase {
+    match phase {
+        EnginePhase::Preflight | EnginePhase::Schema => Phase::CopyingSchema,
+        EnginePhase::Replicate => Phase::Replicating,
+        EnginePhase::CatchUp => Phase::CatchingUp,
+        EnginePhase::ReadyForCutover => Phase::ReadyForCutover,
+        EnginePhase::Cutover => Phase::CuttingOver,
+        EnginePhase::WindowOpen | EnginePhase::Done => Phase::Completed,
     }
-    // Every database is in sync.
-    if report.status.lag_bytes.unwrap_or(0) > MAX_LAG_BYTES {
-        report.phase(Phase::CatchingUp, "CatchingUp", "the target is catching up");
-        return Ok(Action::requeue(POLL));
-    }
-    let cutover = &v.upgrade.spec.cutover;
-    if cutover.mode == CutoverMode::Manual && !cutover.approved {
-        report.ready_for_cutover();
-        return Ok(Action::requeue(Duration::from_secs(5)));
-    }
-    cut_over(upgrade, ctx, &mut up, report).await
 }
 
 fn addresses(endpoints: &[Endpoint]) -> Vec<(&str, u16)> {
@@ -201,13 +218,6 @@ fn addresses(endpoints: &[Endpoint]) -> Vec<(&str, u16)> {
         .iter()
         .map(|e| (e.host.as_str(), e.port))
         .collect()
-}
-
-fn is_work(step: &Step) -> bool {
-    !matches!(
-        step,
-        Step::WaitForCopy | Step::Synced | Step::Switched | Step::Broken(_)
-    )
 }
 
 fn findings(list: &[pgshift_engine::preflight::Finding]) -> Vec<Finding> {

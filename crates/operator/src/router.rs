@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::{Patch, PatchParams};
 use kube::ResourceExt;
 use kube::{Api, Client};
-use pgshift_engine::{Endpoint, Error, Router};
+use pgshift_engine::{Endpoint, Error, Router, Side};
 use serde_json::json;
 
 use crate::names::{role, Names, FIELD_MANAGER, ORIGINAL_ANNOTATION};
@@ -111,10 +111,18 @@ async fn system_identifier(endpoint: &Endpoint) -> Option<String> {
 }
 
 impl Router for ServiceRouter {
-    fn route_to_target(&self) -> BoxFuture<'_, Result<(), Error>> {
+    fn route_to(&self, side: Side) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            self.point().await?;
-            self.confirm().await
+            match side {
+                Side::Target => {
+                    self.point().await?;
+                    self.confirm().await
+                }
+                // Undoing `isolate`: the Service as it was before pgshift changed it.
+                _ => restore_clients(&self.api, &self.service)
+                    .await
+                    .map_err(|e| Error::Route(e.to_string())),
+            }
         })
     }
 
@@ -124,14 +132,6 @@ impl Router for ServiceRouter {
             route_clients(&self.api, &service, &self.names, role::ISOLATED)
                 .await
                 .map_err(route_error)
-        })
-    }
-
-    fn restore(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            restore_clients(&self.api, &self.service)
-                .await
-                .map_err(|e| Error::Route(e.to_string()))
         })
     }
 }

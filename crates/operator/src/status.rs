@@ -5,7 +5,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
-use pgshift_engine::observe::{Action as Step, Database};
+use pgshift_engine::decide::Action as Step;
+use pgshift_engine::observe::Database;
 
 use crate::crd::{DatabaseStatus, Phase, PostgresUpgrade, PostgresUpgradeStatus};
 
@@ -132,7 +133,7 @@ impl Report {
         steps
             .iter()
             .filter_map(|(db, _)| {
-                let now = db.subscription.as_ref()?.errors;
+                let now = db.forward.subscription.as_ref()?.errors;
                 let before = self
                     .status
                     .databases
@@ -151,14 +152,22 @@ impl Report {
             .map(|(db, step)| DatabaseStatus {
                 name: db.name.clone(),
                 step: format!("{step:?}"),
-                tables_ready: db.subscription.as_ref().map_or(0, |s| s.tables_ready),
-                tables_total: db.subscription.as_ref().map_or(0, |s| s.tables_total),
-                apply_errors: db.subscription.as_ref().map_or(0, |s| s.errors),
+                tables_ready: db
+                    .forward
+                    .subscription
+                    .as_ref()
+                    .map_or(0, |s| s.tables_ready),
+                tables_total: db
+                    .forward
+                    .subscription
+                    .as_ref()
+                    .map_or(0, |s| s.tables_total),
+                apply_errors: db.forward.subscription.as_ref().map_or(0, |s| s.errors),
             })
             .collect();
         let subscribed: Vec<_> = steps
             .iter()
-            .filter_map(|(db, _)| db.subscription.as_ref())
+            .filter_map(|(db, _)| db.forward.subscription.as_ref())
             .collect();
         if !subscribed.is_empty() {
             let ready: i64 = subscribed.iter().map(|s| s.tables_ready).sum();
@@ -167,7 +176,7 @@ impl Report {
         }
         let lag = steps
             .iter()
-            .filter_map(|(db, _)| db.slot.as_ref())
+            .filter_map(|(db, _)| db.forward.slot.as_ref())
             .map(|s| s.lag_bytes)
             .max();
         if let Some(lag) = lag {

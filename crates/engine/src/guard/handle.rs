@@ -23,6 +23,7 @@ pub(crate) struct GuardHandle {
     child: Child,
     stdin: ChildStdin,
     source_pids: Vec<i32>,
+    target_pids: Vec<i32>,
 }
 
 impl GuardHandle {
@@ -79,8 +80,12 @@ impl GuardHandle {
                 ))
             })?
             .map_err(|e| failed(format!("reading from the fence guard: {e}")))?;
-        let source_pids = match reply.map(|l| serde_json::from_str::<FromGuard>(&l)) {
-            Some(Ok(FromGuard::Ready { source_pids })) => source_pids,
+        let (source_pids, target_pids) = match reply.map(|l| serde_json::from_str::<FromGuard>(&l))
+        {
+            Some(Ok(FromGuard::Ready {
+                source_pids,
+                target_pids,
+            })) => (source_pids, target_pids),
             Some(Ok(FromGuard::Failed { message })) => {
                 return Err(failed(format!(
                     "the fence guard could not start: {message}"
@@ -97,12 +102,17 @@ impl GuardHandle {
             child,
             stdin,
             source_pids,
+            target_pids,
         }))
     }
 
-    /// The guard's sessions on the source, which direct mode's fence must not end.
+    /// The guard's sessions on the source and the target, which direct mode's fence (of a
+    /// cutover or a rollback) must not end.
     pub fn source_pids(&self) -> &[i32] {
         &self.source_pids
+    }
+    pub fn target_pids(&self) -> &[i32] {
+        &self.target_pids
     }
 
     /// From now on the guard releases the clients if this process goes.

@@ -43,6 +43,7 @@ pub async fn serve() -> Result<()> {
         &mut stdout,
         &FromGuard::Ready {
             source_pids: up.own_source_pids.clone(),
+            target_pids: up.own_target_pids.clone(),
         },
     )
     .await;

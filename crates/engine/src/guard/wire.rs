@@ -128,9 +128,12 @@ pub(super) enum ToGuard {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum FromGuard {
-    /// Connected, fence lock held; `source_pids` are its sessions on the source, which
-    /// direct mode's fence must not end.
-    Ready { source_pids: Vec<i32> },
+    /// Connected, fence lock held; these are its sessions on each server, which direct
+    /// mode's fence must not end.
+    Ready {
+        source_pids: Vec<i32>,
+        target_pids: Vec<i32>,
+    },
     /// It could not get ready: the worker must not raise the fence.
     Failed { message: String },
 }

@@ -203,3 +203,26 @@ pub async fn bouncer_for(pair: &Pair) -> pgshift_lab::PgBouncer {
 pub fn through(bouncer: &pgshift_lab::PgBouncer) -> pgshift_lab::ledger::LedgerTarget {
     pgshift_lab::ledger::LedgerTarget::bouncer(bouncer, "app", APP_USER, APP_PASSWORD)
 }
+
+/// Waits (at most 30 s) until `follower` has as many rows of `table` as `leader`: a stream
+/// between them has applied everything.
+pub async fn caught_up(leader: &PgServer, follower: &PgServer, db: &str, table: &str) {
+    let query = format!("SELECT count(*) FROM {table}");
+    let (leader, follower) = (
+        leader.connect(db).await.expect("connect"),
+        follower.connect(db).await.expect("connect"),
+    );
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let want: i64 = leader.query_one(&query, &[]).await.unwrap().get(0);
+        let have: i64 = follower.query_one(&query, &[]).await.unwrap().get(0);
+        if want == have {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{table}: {have} rows follow {want} after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
