@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pgshift_engine::cleanup::Status;
 use pgshift_engine::{Event, EventSink, Outcome};
 
+use crate::output;
+
 /// Draws engine events. JSON mode keeps stdout clean: progress goes to stderr only.
 #[derive(Clone)]
 pub struct Progress {
@@ -60,7 +62,7 @@ impl Progress {
         if state.quiet {
             if let Event::Warning { message } | Event::ApplyFailing { cause: message, .. } = &event
             {
-                eprintln!("warning: {message}");
+                output::err(&format!("warning: {message}\n"));
             }
             return;
         }
@@ -120,7 +122,7 @@ impl Progress {
         if let Some(line) = line {
             match &state.bar {
                 Some(bar) => bar.println(line),
-                None => eprintln!("{line}"),
+                None => output::err(&format!("{line}\n")),
             }
         }
     }
