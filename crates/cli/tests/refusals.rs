@@ -645,29 +645,35 @@ async fn pgshift_waiting_on_lock(server: &PgServer) -> i32 {
     }
 }
 
-/// `run --cutover manual` from `app` on the source to the target, with the target's tools.
-fn manual_run(pair: &Pair) -> Vec<String> {
+/// `--source`, `--target` (database `app` of each) and the target's tools.
+fn pair_args(pair: &Pair) -> Vec<String> {
     vec![
-        "run".into(),
         "--source".into(),
         url(&pair.source, "postgres", "app"),
         "--target".into(),
         url(&pair.target, "postgres", "app"),
         "--pg-bin-dir".into(),
         pair.target.bin_dir().display().to_string(),
-        "--cutover".into(),
-        "manual".into(),
     ]
 }
 
-/// Waits for a `pgshift` that lost its connection to the source while `doing` something, and
-/// checks that it said so, with exit code 2 and that running it again resumes.
-async fn lost_the_source(run: tokio::process::Child, doing: &str) -> Output {
+/// `run --cutover manual` of the pair.
+fn manual_run(pair: &Pair) -> Vec<String> {
+    let mut args = vec!["run".to_string()];
+    args.extend(pair_args(pair));
+    args.extend(["--cutover".to_string(), "manual".to_string()]);
+    args
+}
+
+/// Waits for a `pgshift` that lost its connection to `server_while` (e.g. "source while
+/// creating the marker table"), and checks that it said so, with exit code 2 and that running
+/// it again resumes.
+async fn lost_connection(run: tokio::process::Child, server_while: &str) -> Output {
     let output = run.wait_with_output().await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("lost the connection to the source while {doing}")),
+        stderr.contains(&format!("lost the connection to the {server_while}")),
         "{stderr}"
     );
     assert!(
@@ -709,7 +715,7 @@ async fn a_connection_lost_mid_run_names_server_and_step_and_a_rerun_resumes() {
         .execute("SELECT pg_terminate_backend($1)", &[&waiting])
         .await
         .unwrap();
-    let output = lost_the_source(run, "creating the marker table").await;
+    let output = lost_connection(run, "source while creating the marker table").await;
     assert_json_error(
         &output,
         "connection",
@@ -730,7 +736,7 @@ async fn a_connection_lost_mid_run_names_server_and_step_and_a_rerun_resumes() {
         .unwrap();
     holder.batch_execute("ROLLBACK").await.unwrap();
     // Which statement comes next on a dead session is the engine's business.
-    lost_the_source(run, "").await;
+    lost_connection(run, "source while ").await;
 
     let output = spawn(false).wait_with_output().await.unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -741,6 +747,76 @@ async fn a_connection_lost_mid_run_names_server_and_step_and_a_rerun_resumes() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("ready for cutover"), "{stdout}");
+}
+
+#[tokio::test]
+async fn a_pgbouncer_lost_mid_cutover_is_named() {
+    let pair = common::pair(15, 18).await;
+    common::ledger_database(&pair).await;
+    let bouncer = common::bouncer_for(&pair).await;
+    let pgpass = pgpass(&pair);
+    let mut entries = std::fs::read_to_string(&pgpass).unwrap();
+    entries.push_str(&bouncer.admin_pgpass_entry().line());
+    entries.push('\n');
+    std::fs::write(&pgpass, entries).unwrap();
+    let bouncer_args = [
+        "--pgbouncer".to_string(),
+        bouncer.admin_url(),
+        "--pgbouncer-config".to_string(),
+        bouncer.config_path().display().to_string(),
+    ];
+    let ready = command(&pgpass)
+        .args(manual_run(&pair))
+        .args(&bouncer_args)
+        .output()
+        .unwrap();
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+
+    // An open transaction through PgBouncer: PAUSE waits for it, with the entry marked paused.
+    let (client, connection) = bouncer
+        .client_config("app", common::APP_USER, common::APP_PASSWORD)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut cutover = tokio::process::Command::from(command(&pgpass));
+    cutover
+        .arg("cutover")
+        .args(pair_args(&pair))
+        .args(&bouncer_args)
+        .args(["--max-pause", "300s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let cutover = cutover.spawn().unwrap();
+    let admin = bouncer.admin_connect().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let paused = admin
+            .simple_query("SHOW DATABASES")
+            .await
+            .unwrap()
+            .iter()
+            .any(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    row.get("name") == Some("app") && row.get("paused") == Some("1")
+                }
+                _ => false,
+            });
+        if paused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pgshift never paused app");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bouncer.stop().await.unwrap();
+
+    // The waiting PAUSE, or the RESUME that lifts the fence after it, finds the console gone.
+    lost_connection(cutover, "pgbouncer while running ").await;
 }
 
 /// The write end of a pipe whose read end is closed, as when `| head` has exited: every write

@@ -179,32 +179,39 @@ pub trait SqlContext<T> {
 impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
     fn on(self, side: Side, context: &str) -> Result<T> {
         self.map_err(|error| {
-            if session_ended(&error) {
-                return Error::ConnectionLost {
-                    side,
-                    context: context.to_string(),
-                    cause: server_message(&error),
-                };
-            }
-            Error::Sql {
+            connection_lost_or(error, side, context, |error| Error::Sql {
                 side,
                 context: context.to_string(),
                 message: server_message(&error),
                 code: error.code().map(|c| c.code().to_string()),
-            }
+            })
         })
     }
 }
 
-/// The connection is gone (the server or PgBouncer died, the network broke), or the server
-/// ended the session with a FATAL or PANIC (terminated, shut down, crashed).
-fn session_ended(error: &tokio_postgres::Error) -> bool {
+/// `ConnectionLost` when the connection is gone (the server or PgBouncer died, the network
+/// broke) or the server ended the session with a FATAL or PANIC (terminated, shut down,
+/// crashed); any other driver error as `otherwise` makes it.
+pub(crate) fn connection_lost_or(
+    error: tokio_postgres::Error,
+    side: Side,
+    context: &str,
+    otherwise: impl FnOnce(tokio_postgres::Error) -> Error,
+) -> Error {
     use tokio_postgres::error::Severity;
-    error.is_closed()
+    let session_ended = error.is_closed()
         || error
             .as_db_error()
             .and_then(|db| db.parsed_severity())
-            .is_some_and(|severity| matches!(severity, Severity::Fatal | Severity::Panic))
+            .is_some_and(|severity| matches!(severity, Severity::Fatal | Severity::Panic));
+    if !session_ended {
+        return otherwise(error);
+    }
+    Error::ConnectionLost {
+        side,
+        context: context.to_string(),
+        cause: server_message(&error),
+    }
 }
 
 /// The server's own message (and detail/hint) of a driver error, for reports.
