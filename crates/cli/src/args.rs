@@ -11,8 +11,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Upgrade a live PostgreSQL to a new major version: logical replication, then a cutover that pauses writes for milliseconds",
     long_about = "Upgrade a live PostgreSQL to a new major version: logical replication, then a cutover that pauses writes for milliseconds.\n\n\
-Passwords are never given on the command line or in a URL: pgshift reads them from --password-file or PGPASSFILE \
-(pgpass format: host:port:database:user:password) or from PGPASSWORD."
+Passwords are never given on the command line or in a URL: pgshift reads them from --password-file, PGPASSFILE \
+or ~/.pgpass (pgpass format: host:port:database:user:password, mode 0600) or from PGPASSWORD.\n\n\
+Exit codes:\n  \
+0   done, or ready (check)\n  \
+1   blocked (preflight found blockers; nothing was changed) or failed\n  \
+2   could not connect to or log in to a server, or lost the connection to it: once it is reachable, \
+run the same command again\n  \
+3   another pgshift process holds this upgrade\n  \
+64  usage error: bad arguments, an invalid URL, a password in a URL, a bad password file; nothing was changed\n\n\
+With --json an error is also printed on stdout, as one object: \
+{\"error\": {\"kind\": \"blocked|failed|connection|busy|usage\", \"message\": \"...\", \"exit_code\": N}}."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -24,7 +33,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Preflight: read-only checks of source, target and tools. Exit 0 ready, 1 blockers, 2 could not connect.
+    /// Preflight: read-only checks of source, target and tools. Exit 0 ready, 1 blockers, 2 could not connect, 64 usage error.
     Check(Common),
     /// Run the upgrade from wherever it stands: schema, replication, catch-up, cutover.
     Run(RunArgs),
@@ -48,6 +57,22 @@ pub enum Command {
     /// The fence guard that a cutover starts (reads its plan from stdin); not for people.
     #[command(name = "__fence-guard", hide = true)]
     FenceGuard,
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (errors included).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Check(common)
+            | Command::Status(common)
+            | Command::Abort(common)
+            | Command::Cleanup(common) => common.json,
+            Command::Run(args) => args.common.json,
+            Command::Cutover(args) | Command::Rollback(args) => args.common.json,
+            Command::Demo(args) => args.json,
+            Command::Operator(_) | Command::Crd | Command::FenceGuard => false,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -109,7 +134,7 @@ pub struct Common {
 #[derive(Args, Debug, Clone)]
 pub struct PgbouncerArgs {
     /// PgBouncer's admin console, e.g. postgres://pgbouncer@bouncer:6432/pgbouncer. Without it, direct mode.
-    #[arg(long)]
+    #[arg(long, requires = "pgbouncer_config")]
     pub pgbouncer: Option<String>,
     /// PgBouncer's config file, whose [databases] entries pgshift repoints at cutover.
     #[arg(long, requires = "pgbouncer")]

@@ -16,6 +16,7 @@ use pgshift_lab::{inspect, BouncerDatabase, BouncerOptions, PgBouncer, PgServer,
 use serde::Serialize;
 
 use crate::args::DemoArgs;
+use crate::output;
 use crate::progress::Progress;
 
 const APP_USER: &str = "app";
@@ -87,7 +88,7 @@ struct Verification {
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let say = |line: String| {
         if !args.json {
-            eprintln!("{line}");
+            output::err(&format!("{line}\n"));
         }
     };
     let dir = tempfile::Builder::new().prefix("pgshift-demo").tempdir()?;
@@ -303,9 +304,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     target.stop().await?;
 
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        output::out(&format!("{}\n", serde_json::to_string(&report)?))?;
     } else {
-        print!("{}", render(&report));
+        output::out(&render(&report))?;
     }
     let healthy = report.workload.lost == 0
         && report.verification.mismatched == 0

@@ -2,6 +2,7 @@
 
 mod args;
 mod demo;
+mod output;
 mod progress;
 
 use std::process::ExitCode;
@@ -15,12 +16,77 @@ use pgshift_engine::{
 
 use args::{Cli, Command, Common, CutoverWhen};
 
-/// Exit codes: 0 done or ready, 1 blocked or failed, 2 could not connect.
-const EXIT_BLOCKED: u8 = 1;
-const EXIT_CONNECT: u8 = 2;
+/// Why a command failed: its exit code and its `kind` in the JSON error object (both listed in
+/// `pgshift --help` and docs/user-guide.md).
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// Another pgshift process works on this upgrade; nothing was changed.
+    Busy,
+    /// Preflight found blockers; nothing was changed.
+    Blocked,
+    /// Anything else that stopped the command.
+    Failed,
+    /// A server could not be reached or logged in to, or the connection to it was lost.
+    Connection,
+    /// The invocation must change: arguments, a URL, a password file.
+    Usage,
+}
+
+impl Failure {
+    fn of(error: &anyhow::Error) -> Failure {
+        match error.downcast_ref::<Error>() {
+            Some(e) if e.is_usage() => Failure::Usage,
+            Some(Error::Busy { .. }) => Failure::Busy,
+            Some(e) if e.is_connection() => Failure::Connection,
+            Some(Error::Blocked { .. }) => Failure::Blocked,
+            _ => Failure::Failed,
+        }
+    }
+
+    fn exit_code(self) -> u8 {
+        match self {
+            Failure::Blocked | Failure::Failed => 1,
+            Failure::Connection => 2,
+            Failure::Busy => 3,
+            // EX_USAGE of sysexits.h; clap's own 2 would read as "could not connect".
+            Failure::Usage => 64,
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Failure::Blocked => "blocked",
+            Failure::Failed => "failed",
+            Failure::Connection => "connection",
+            Failure::Busy => "busy",
+            Failure::Usage => "usage",
+        }
+    }
+
+    /// Says what failed on stderr and, for `--json`, as one object on stdout.
+    fn report(self, message: &str, json: bool) -> ExitCode {
+        output::err(&format!("error: {message}\n"));
+        if json {
+            self.print_json(message);
+        }
+        ExitCode::from(self.exit_code())
+    }
+
+    /// `{"error": {"kind": …, "message": …, "exit_code": …}}` on stdout.
+    fn print_json(self, message: &str) {
+        let object = serde_json::json!({
+            "error": {"kind": self.kind(), "message": message, "exit_code": self.exit_code()}
+        });
+        // The exit code tells the failure even when stdout cannot.
+        let _ = output::out(&format!("{object:#}\n"));
+    }
+}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return refuse_arguments(error),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -30,27 +96,37 @@ fn main() -> ExitCode {
                 ))
             }),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let json = cli.command.json();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::from(EXIT_BLOCKED);
+            return Failure::Failed
+                .report(&format!("cannot start the async runtime: {error}"), json)
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
-        Err(error) => {
-            let code = match error.downcast_ref::<Error>() {
-                Some(e) if e.is_connection() => EXIT_CONNECT,
-                _ => EXIT_BLOCKED,
-            };
-            eprintln!("error: {error:#}");
-            ExitCode::from(code)
-        }
+        Err(error) => Failure::of(&error).report(&format!("{error:#}"), json),
     }
+}
+
+/// Clap's answer to the arguments: `--help` and `--version` succeed, anything else is a usage
+/// error (clap would exit 2).
+fn refuse_arguments(error: clap::Error) -> ExitCode {
+    // Printing to a closed pipe (`pgshift --help | head -1`) is not a failure.
+    let _ = error.print();
+    if !error.use_stderr() {
+        return ExitCode::SUCCESS;
+    }
+    // The arguments did not parse, so `--json` is looked for among them as given.
+    if std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = error.render().to_string();
+        Failure::Usage.print_json(rendered.trim().trim_start_matches("error: "));
+    }
+    ExitCode::from(Failure::Usage.exit_code())
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -75,9 +151,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             progress.finish();
             let outcome = outcome?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&outcome)?);
+                print_json(&outcome)?;
             } else {
-                println!("{}", progress::render_outcome(&outcome));
+                output::out(&format!("{}\n", progress::render_outcome(&outcome)))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -87,9 +163,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .await?;
             let status = upgrade.status().await?;
             if common.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                print_json(&status)?;
             } else {
-                print!("{}", progress::render_status(&status));
+                output::out(&progress::render_status(&status))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -107,9 +183,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             progress.finish();
             let report = report?;
             if args.common.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                print_json(&report)?;
             } else {
-                println!("{}", progress::render_switch(&report));
+                output::out(&format!("{}\n", progress::render_switch(&report)))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -132,7 +208,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args).await,
         Command::Operator(args) => operator(args).await,
         Command::Crd => {
-            print!("{}", pgshift_operator::crd::crd_yaml());
+            output::out(&pgshift_operator::crd::crd_yaml())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::FenceGuard => {
@@ -147,14 +223,14 @@ async fn check(common: Common) -> anyhow::Result<ExitCode> {
         Upgrade::observer(plan(&common, "check")?, pgshift_engine::events::discard()).await?;
     let report = upgrade.preflight().await?;
     if common.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        print_json(&report)?;
     } else {
-        print!("{}", pgshift_engine::preflight::render(&report));
+        output::out(&pgshift_engine::preflight::render(&report))?;
     }
     Ok(if report.ready() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_BLOCKED)
+        ExitCode::from(Failure::Blocked.exit_code())
     })
 }
 
@@ -164,10 +240,9 @@ fn print_removed(
     verb: &str,
 ) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(removed)?);
-        return Ok(());
+        return print_json(removed);
     }
-    println!("{verb}; removed:");
+    let mut text = format!("{verb}; removed:\n");
     for (what, items) in [
         ("subscriptions", &removed.subscriptions),
         ("replication slots", &removed.slots),
@@ -176,13 +251,21 @@ fn print_removed(
         ("target databases", &removed.target_databases),
     ] {
         if !items.is_empty() {
-            println!("  {what}: {}", items.join(", "));
+            text.push_str(&format!("  {what}: {}\n", items.join(", ")));
         }
     }
     for note in &removed.notes {
-        println!("note: {note}");
+        text.push_str(&format!("note: {note}\n"));
     }
-    Ok(())
+    Ok(output::out(&text)?)
+}
+
+/// A report as pretty JSON on stdout.
+fn print_json(report: &impl serde::Serialize) -> anyhow::Result<()> {
+    Ok(output::out(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(report)?
+    ))?)
 }
 
 /// Builds the engine's plan for `command` from the arguments; passwords come from files or the
@@ -207,15 +290,14 @@ pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     plan.pg_bin_dir = common.pg_bin_dir.clone();
     plan.source_address_for_target = common.source_address_from_target.clone();
     plan.target_address_for_source = common.target_address_from_source.clone();
-    if let Some(admin) = &common.pgbouncer.pgbouncer {
-        let config_path = common
-            .pgbouncer
-            .pgbouncer_config
-            .clone()
-            .context("--pgbouncer needs --pgbouncer-config: the file whose [databases] entries pgshift repoints at cutover")?;
+    // Clap requires --pgbouncer and --pgbouncer-config together.
+    if let (Some(admin), Some(config_path)) = (
+        &common.pgbouncer.pgbouncer,
+        &common.pgbouncer.pgbouncer_config,
+    ) {
         plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget {
             admin: Endpoint::parse(Side::Pgbouncer, admin, &passwords)?,
-            config_path,
+            config_path: config_path.clone(),
             entries: common.pgbouncer.pgbouncer_db.clone(),
             source_address: None,
             target_address: common.pgbouncer.pgbouncer_target_address.clone(),

@@ -10,6 +10,8 @@ use pgshift_engine::cutover::CutoverReport;
 use pgshift_engine::decide::Direction;
 use pgshift_engine::{Event, EventSink, Outcome};
 
+use crate::output;
+
 /// Draws engine events. JSON mode keeps stdout clean: progress goes to stderr only.
 #[derive(Clone)]
 pub struct Progress {
@@ -62,7 +64,7 @@ impl Progress {
         if state.quiet {
             if let Event::Warning { message } | Event::ApplyFailing { cause: message, .. } = &event
             {
-                eprintln!("warning: {message}");
+                output::err(&format!("warning: {message}\n"));
             }
             return;
         }
@@ -122,7 +124,7 @@ impl Progress {
         if let Some(line) = line {
             match &state.bar {
                 Some(bar) => bar.println(line),
-                None => eprintln!("{line}"),
+                None => output::err(&format!("{line}\n")),
             }
         }
     }

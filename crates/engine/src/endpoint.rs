@@ -1,8 +1,11 @@
 //! Where a server is and how to log in to it, without ever holding a password in a URL.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
 
 use crate::error::{Error, Result, Side};
 
@@ -34,6 +37,9 @@ pub struct Endpoint {
     pub user: String,
     pub dbname: String,
     pub password: Option<Secret>,
+    /// Where `parse` looked for the password, one entry per place, for the message when the
+    /// server asks for a password and none was found (empty when the caller gave it).
+    pub password_search: Vec<String>,
     pub connect_timeout: Duration,
 }
 
@@ -58,27 +64,74 @@ impl PasswordSources {
         }
     }
 
-    fn lookup(&self, host: &str, port: u16, dbname: &str, user: &str) -> Result<Option<Secret>> {
-        let files = [&self.password_file, &self.pgpassfile_env, &self.home_pgpass];
-        for (index, file) in files.into_iter().enumerate() {
-            let Some(path) = file else { continue };
-            let text = match std::fs::read_to_string(path) {
-                Ok(text) => text,
-                // --password-file must exist; the libpq defaults are optional.
-                Err(source) if index == 0 => {
-                    return Err(Error::Io {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-                Err(_) => continue,
+    /// The password for an endpoint, and where pgshift looked for it.
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+        dbname: &str,
+        user: &str,
+    ) -> Result<(Option<Secret>, Vec<String>)> {
+        let mut searched = Vec::new();
+        // --password-file must be readable; the libpq defaults are optional.
+        let files = [
+            ("--password-file", &self.password_file, true),
+            ("PGPASSFILE", &self.pgpassfile_env, false),
+            ("~/.pgpass", &self.home_pgpass, false),
+        ];
+        for (origin, file, required) in files {
+            let Some(path) = file else {
+                searched.push(format!("{origin} (not set)"));
+                continue;
+            };
+            let Some(text) = read_password_file(origin, path, required)? else {
+                searched.push(format!(
+                    "{origin} {} (missing or unreadable)",
+                    path.display()
+                ));
+                continue;
             };
             if let Some(found) = pgpass_lookup(&text, host, port, dbname, user) {
-                return Ok(Some(Secret::new(found)));
+                return Ok((Some(Secret::new(found)), searched));
             }
+            searched.push(format!(
+                "{origin} {} (no line for {host}:{port}:{dbname}:{user})",
+                path.display()
+            ));
         }
-        Ok(self.pgpassword_env.clone())
+        if self.pgpassword_env.is_none() {
+            searched.push("PGPASSWORD (not set)".to_string());
+        }
+        Ok((self.pgpassword_env.clone(), searched))
     }
+}
+
+/// A pgpass file's text, or None for an optional file that cannot be read (as libpq skips
+/// it). A file that group or others can access is refused: libpq ignores it with a warning,
+/// and the login then fails with a message that does not name the file.
+fn read_password_file(origin: &'static str, path: &Path, required: bool) -> Result<Option<String>> {
+    let read = std::fs::File::open(path).and_then(|file| {
+        let mode = file.metadata()?.permissions().mode();
+        Ok((mode, std::io::read_to_string(file)?))
+    });
+    let (mode, text) = match read {
+        Ok(read) => read,
+        Err(source) if required => {
+            return Err(Error::PasswordFileUnreadable {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+        Err(_) => return Ok(None),
+    };
+    if mode & 0o077 != 0 {
+        return Err(Error::PasswordFileOpen {
+            path: path.display().to_string(),
+            origin,
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(Some(text))
 }
 
 impl Endpoint {
@@ -99,6 +152,7 @@ impl Endpoint {
             user: user.to_string(),
             dbname: dbname.to_string(),
             password,
+            password_search: Vec::new(),
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -107,9 +161,13 @@ impl Endpoint {
     /// refused: it would be visible in the process list.
     pub fn parse(side: Side, url: &str, passwords: &PasswordSources) -> Result<Endpoint> {
         let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            // The driver's Display leaves out the cause, which says what is wrong.
+            let cause = std::error::Error::source(&e)
+                .map(|cause| format!(" ({cause})"))
+                .unwrap_or_default();
             Error::invalid(
                 format!("{side} URL"),
-                format!("{e}; expected postgres://USER@HOST:PORT/DATABASE"),
+                format!("{e}{cause}; expected postgres://USER@HOST:PORT/DATABASE"),
             )
         })?;
         if config.get_password().is_some() {
@@ -144,7 +202,7 @@ impl Endpoint {
             .get_dbname()
             .map(str::to_string)
             .unwrap_or_else(|| user.clone());
-        let password = passwords.lookup(&host, port, &dbname, &user)?;
+        let (password, password_search) = passwords.lookup(&host, port, &dbname, &user)?;
         Ok(Endpoint {
             side,
             host,
@@ -152,6 +210,7 @@ impl Endpoint {
             user,
             dbname,
             password,
+            password_search,
             connect_timeout: config
                 .get_connect_timeout()
                 .copied()
@@ -226,38 +285,50 @@ impl Endpoint {
 /// Turns a driver error at connect time into a sentence that says what to check.
 fn connect_hint(error: &tokio_postgres::Error, endpoint: &Endpoint) -> String {
     if let Some(db) = error.as_db_error() {
-        let code = db.code().code();
-        return match code {
-            "28P01" | "28000" if db.message().contains("password") => format!(
-                "password authentication failed for user {:?}; check the password in your pgpass file \
-                 (PGPASSFILE or --password-file) or PGPASSWORD",
-                endpoint.user
+        return match *db.code() {
+            SqlState::INVALID_PASSWORD => format!(
+                "{}; check the password in your pgpass file (PGPASSFILE or --password-file) or PGPASSWORD",
+                db.message()
             ),
-            "28000" => format!(
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION => format!(
                 "{}; allow this client in pg_hba.conf of that server",
                 db.message()
             ),
-            "3D000" => format!(
+            SqlState::INVALID_CATALOG_NAME => format!(
                 "{}; create it first or name an existing database in the URL",
                 db.message()
             ),
             _ => db.message().to_string(),
         };
     }
-    let text = error.to_string();
-    if text.contains("password missing") {
+    if endpoint.password.is_none() && refused_to_log_in(error) {
+        let login = format!("{}@{}:{}", endpoint.user, endpoint.host, endpoint.port);
+        if endpoint.password_search.is_empty() {
+            return format!("the server asks for a password and none was given for {login}");
+        }
         return format!(
-            "the server asks for a password and none was found for {}@{}:{}; put it in a pgpass file \
-             (PGPASSFILE or --password-file) or PGPASSWORD",
-            endpoint.user, endpoint.host, endpoint.port
+            "the server asks for a password and no password was found for {login}; pgshift looked in {}. \
+             Add a line HOST:PORT:DATABASE:USER:PASSWORD to a pgpass file (mode 0600) or set PGPASSWORD",
+            endpoint.password_search.join(", ")
         );
     }
     let source = std::error::Error::source(error)
         .map(|s| s.to_string())
         .unwrap_or_default();
-    format!("{text} {source}; check that the server runs and the host and port are right")
+    format!("{error} {source}; check that the server runs and the host and port are right")
         .trim()
         .to_string()
+}
+
+/// The driver, not the server or the network, ended the login: neither a server error, nor
+/// an I/O error, nor a closed connection. With one host and one port always given, that is a
+/// password request the driver had no password for (or an authentication method it lacks,
+/// such as GSSAPI, which pgshift does not support either).
+fn refused_to_log_in(error: &tokio_postgres::Error) -> bool {
+    !error.is_closed()
+        && std::error::Error::source(error).is_some_and(|cause| {
+            !cause.is::<std::io::Error>() && !cause.is::<tokio_postgres::error::DbError>()
+        })
 }
 
 /// Quotes a value for a libpq conninfo string: single quotes, with `\` and `'` escaped.
@@ -318,6 +389,15 @@ mod tests {
         PasswordSources::default()
     }
 
+    /// A pgpass file with `text` and `mode` in a new temporary directory (kept with it).
+    fn pgpass_file(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgpass");
+        std::fs::write(&file, text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        (dir, file)
+    }
+
     #[test]
     fn url_with_password_is_refused() {
         let err = Endpoint::parse(
@@ -365,9 +445,7 @@ mod tests {
 
     #[test]
     fn password_file_wins_over_pgpassword() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pgpass");
-        std::fs::write(&file, "db:5432:*:app:from-file\n").unwrap();
+        let (_dir, file) = pgpass_file("db:5432:*:app:from-file\n", 0o600);
         let sources = PasswordSources {
             password_file: Some(file),
             pgpassword_env: Some(Secret::new("from-env")),
@@ -380,12 +458,64 @@ mod tests {
     }
 
     #[test]
-    fn missing_password_file_is_an_error() {
+    fn missing_password_file_is_a_usage_error() {
         let sources = PasswordSources {
             password_file: Some("/nonexistent/pgpass".into()),
             ..Default::default()
         };
-        assert!(Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).is_err());
+        let err = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
+        assert!(matches!(err, Error::PasswordFileUnreadable { .. }), "{err}");
+        assert!(err.is_usage());
+    }
+
+    #[test]
+    fn password_file_open_to_others_is_refused_and_named() {
+        let (_dir, file) = pgpass_file("db:5432:*:app:from-file\n", 0o604);
+        let sources = PasswordSources {
+            pgpassfile_env: Some(file.clone()),
+            ..Default::default()
+        };
+        let err = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::PasswordFileOpen {
+                    origin: "PGPASSFILE",
+                    mode: 0o604,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.is_usage());
+        assert!(err
+            .to_string()
+            .contains(&format!("chmod 600 {}", file.display())));
+        assert!(!err.to_string().contains("from-file"));
+    }
+
+    #[test]
+    fn the_password_search_names_every_place_looked_in() {
+        let (_dir, file) = pgpass_file("other:5432:*:app:nope\n", 0o600);
+        let sources = PasswordSources {
+            password_file: Some(file.clone()),
+            home_pgpass: Some("/nonexistent/.pgpass".into()),
+            ..Default::default()
+        };
+        let e = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
+        assert_eq!(e.password, None);
+        assert_eq!(
+            e.password_search,
+            [
+                format!(
+                    "--password-file {} (no line for db:5432:shop:app)",
+                    file.display()
+                ),
+                "PGPASSFILE (not set)".to_string(),
+                "~/.pgpass /nonexistent/.pgpass (missing or unreadable)".to_string(),
+                "PGPASSWORD (not set)".to_string(),
+            ]
+        );
     }
 
     #[test]
@@ -398,6 +528,7 @@ mod tests {
             user: "u".into(),
             dbname: "d b".into(),
             password: Some(Secret::new("p'w")),
+            password_search: Vec::new(),
             connect_timeout: Duration::from_secs(1),
         };
         assert_eq!(

@@ -23,6 +23,7 @@ impl std::fmt::Display for Side {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Something the user gave (an argument, a URL) that pgshift cannot use.
     #[error("invalid {what}: {problem}")]
     InvalidInput { what: String, problem: String },
 
@@ -31,6 +32,24 @@ pub enum Error {
          Remove it and put the password in a pgpass file (PGPASSFILE or --password-file) or PGPASSWORD"
     )]
     PasswordInUrl { side: Side },
+
+    #[error("cannot read the password file {path} given with --password-file: {source}")]
+    PasswordFileUnreadable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "the password file {path} ({origin}) is open to group or others (mode {mode:04o}); libpq \
+         ignores such a file and pgshift refuses it. Run chmod 600 {path}"
+    )]
+    PasswordFileOpen {
+        path: String,
+        /// How pgshift found the file: --password-file, PGPASSFILE or ~/.pgpass.
+        origin: &'static str,
+        mode: u32,
+    },
 
     #[error("could not connect to the {side} at {address}: {reason}")]
     Connect {
@@ -46,6 +65,18 @@ pub enum Error {
         message: String,
         /// SQLSTATE, when the server sent one.
         code: Option<String>,
+    },
+
+    /// The server ended pgshift's session, or the connection broke, while a statement ran or
+    /// between statements.
+    #[error(
+        "lost the connection to the {side} while {context}: {cause}. Once the {side} is reachable, \
+         run the same command again: pgshift resumes where it stopped"
+    )]
+    ConnectionLost {
+        side: Side,
+        context: String,
+        cause: String,
     },
 
     #[error(
@@ -143,9 +174,22 @@ pub enum Error {
 }
 
 impl Error {
-    /// A process exit code class: 2 for could-not-connect, 1 for everything else.
+    /// A process exit code class (2): a server could not be reached or logged in to, or the
+    /// connection to it was lost; the same command works once the server is reachable.
     pub fn is_connection(&self) -> bool {
-        matches!(self, Error::Connect { .. } | Error::PasswordInUrl { .. })
+        matches!(self, Error::Connect { .. } | Error::ConnectionLost { .. })
+    }
+
+    /// A process exit code class (64): the invocation must change (an argument, a URL, a
+    /// password file); nothing was changed on any server.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidInput { .. }
+                | Error::PasswordInUrl { .. }
+                | Error::PasswordFileUnreadable { .. }
+                | Error::PasswordFileOpen { .. }
+        )
     }
 
     /// For a creation that failed because the object exists: that is success. After a crash,
@@ -179,12 +223,39 @@ pub trait SqlContext<T> {
 
 impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
     fn on(self, side: Side, context: &str) -> Result<T> {
-        self.map_err(|error| Error::Sql {
-            side,
-            context: context.to_string(),
-            message: server_message(&error),
-            code: error.code().map(|c| c.code().to_string()),
+        self.map_err(|error| {
+            connection_lost_or(error, side, context, |error| Error::Sql {
+                side,
+                context: context.to_string(),
+                message: server_message(&error),
+                code: error.code().map(|c| c.code().to_string()),
+            })
         })
+    }
+}
+
+/// `ConnectionLost` when the connection is gone (the server or PgBouncer died, the network
+/// broke) or the server ended the session with a FATAL or PANIC (terminated, shut down,
+/// crashed); any other driver error as `otherwise` makes it.
+pub(crate) fn connection_lost_or(
+    error: tokio_postgres::Error,
+    side: Side,
+    context: &str,
+    otherwise: impl FnOnce(tokio_postgres::Error) -> Error,
+) -> Error {
+    use tokio_postgres::error::Severity;
+    let session_ended = error.is_closed()
+        || error
+            .as_db_error()
+            .and_then(|db| db.parsed_severity())
+            .is_some_and(|severity| matches!(severity, Severity::Fatal | Severity::Panic));
+    if !session_ended {
+        return otherwise(error);
+    }
+    Error::ConnectionLost {
+        side,
+        context: context.to_string(),
+        cause: server_message(&error),
     }
 }
 

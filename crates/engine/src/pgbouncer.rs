@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::endpoint::Endpoint;
-use crate::error::{Error, Result};
+use crate::error::{connection_lost_or, server_message, Error, Result, Side};
 
 /// How pgshift reaches a PgBouncer and which of its entries it moves.
 #[derive(Debug, Clone)]
@@ -304,10 +304,9 @@ impl Admin {
             .await
             .map(|_| ())
             .map_err(|e| {
-                Error::Pgbouncer(format!(
-                    "{command} failed: {}",
-                    crate::error::server_message(&e)
-                ))
+                connection_lost_or(e, Side::Pgbouncer, &format!("running {command}"), |e| {
+                    Error::Pgbouncer(format!("{command} failed: {}", server_message(&e)))
+                })
             })
     }
 
@@ -346,7 +345,11 @@ impl Admin {
             .client
             .simple_query("SHOW DATABASES")
             .await
-            .map_err(|e| Error::Pgbouncer(format!("SHOW DATABASES failed: {e}")))?;
+            .map_err(|e| {
+                connection_lost_or(e, Side::Pgbouncer, "running SHOW DATABASES", |e| {
+                    Error::Pgbouncer(format!("SHOW DATABASES failed: {e}"))
+                })
+            })?;
         Ok(messages
             .iter()
             .filter_map(|m| match m {
