@@ -8,7 +8,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 use tokio_postgres::Client;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{conninfo_value, Endpoint};
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::names;
 use crate::sql::{self, Role};
@@ -210,6 +210,32 @@ pub fn restore_options() -> Vec<String> {
     .to_vec()
 }
 
+/// The `dbname` part of a libpq connection string, for `--dbname` of pg_dump and psql: libpq
+/// reads a bare `--dbname` holding `=` or starting with `postgres://` as a connection string
+/// of its own, so a database named `host=x` would be a host. As a quoted value inside a
+/// connection string, every name is just a name.
+pub fn database_conninfo(database: &str) -> String {
+    format!("dbname={}", conninfo_value(database))
+}
+
+/// The one connection string a child tool gets (`--dbname`), with everything pgshift resolved
+/// for the endpoint but the password (that comes from the pgpass file).
+fn tool_conninfo(endpoint: &Endpoint) -> String {
+    [
+        database_conninfo(&endpoint.dbname),
+        format!("host={}", conninfo_value(&endpoint.host)),
+        format!("port={}", endpoint.port),
+        format!("user={}", conninfo_value(&endpoint.user)),
+        // libpq counts whole seconds; 0 would mean waiting forever.
+        format!(
+            "connect_timeout={}",
+            endpoint.connect_timeout.as_secs().max(1)
+        ),
+        "application_name=pgshift".to_string(),
+    ]
+    .join(" ")
+}
+
 /// SQL that ends the schema restore, in its transaction: pgshift's own objects and the step
 /// record, so that the step is recorded if and only if the schema is there.
 pub fn restore_epilogue() -> String {
@@ -227,7 +253,7 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
     let passfile = PassFile::write(&[source, target])?;
     let dump = tool(&tools.pg_dump)
         .args(dump_options())
-        .args(connection_args(source))
+        .arg(format!("--dbname={}", tool_conninfo(source)))
         .env("PGPASSFILE", passfile.path())
         .output()
         .await
@@ -247,7 +273,7 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
     let output = tool(&tools.psql)
         .args(restore_options())
         .arg(format!("--file={}", script_file.path().display()))
-        .args(connection_args(target))
+        .arg(format!("--dbname={}", tool_conninfo(target)))
         .env("PGPASSFILE", passfile.path())
         .output()
         .await
@@ -266,10 +292,7 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
 /// never leaves a restore running behind the next run's back.
 fn tool(program: &Path) -> Command {
     let mut command = Command::new(program);
-    command
-        .env("PGAPPNAME", "pgshift")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    command.stdin(Stdio::null()).kill_on_drop(true);
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe and touches only the child being set up.
     unsafe {
@@ -295,15 +318,6 @@ fn temporary_file(prefix: &str, contents: &[u8]) -> Result<tempfile::NamedTempFi
         .map_err(io)?;
     std::io::Write::write_all(&mut file, contents).map_err(io)?;
     Ok(file)
-}
-
-fn connection_args(endpoint: &Endpoint) -> Vec<String> {
-    vec![
-        format!("--host={}", endpoint.host),
-        format!("--port={}", endpoint.port),
-        format!("--username={}", endpoint.user),
-        format!("--dbname={}", endpoint.dbname),
-    ]
 }
 
 /// A pgpass file (mode 0600, as tempfile creates it) for the child tools, so that no password
@@ -352,5 +366,24 @@ mod tests {
             Some(("15.18".into(), 15))
         );
         assert_eq!(parse_tool_version("nonsense"), None);
+    }
+
+    #[test]
+    fn the_tools_get_the_database_name_as_a_quoted_value_and_no_password() {
+        let mut e = Endpoint::new(
+            Side::Source,
+            "db:1",
+            6543,
+            "o'neil",
+            "dbname=x host='y' \\",
+            Some(crate::endpoint::Secret::new("secret")),
+        );
+        e.connect_timeout = std::time::Duration::from_millis(500);
+        assert_eq!(
+            tool_conninfo(&e),
+            "dbname='dbname=x host=\\'y\\' \\\\' host='db:1' port=6543 user='o\\'neil' \
+             connect_timeout=1 application_name=pgshift"
+        );
+        assert_eq!(database_conninfo("a=b"), "dbname='a=b'");
     }
 }
