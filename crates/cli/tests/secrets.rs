@@ -40,23 +40,24 @@ async fn pair_with(source_settings: &[(&str, &str)], target_settings: &[(&str, &
     }
 }
 
-/// A secret to look for, and the name a failure message gives it (never the value).
-struct Secret {
+/// A text to look for (a secret, mostly), and the name a failure message gives it (never the
+/// value).
+struct Needle {
     what: String,
     value: String,
 }
 
-fn secret(what: &str, value: &str) -> Secret {
-    Secret {
+fn needle(what: &str, value: &str) -> Needle {
+    Needle {
         what: what.into(),
         value: value.into(),
     }
 }
 
-fn superuser_passwords(pair: &Pair) -> Vec<Secret> {
+fn superuser_passwords(pair: &Pair) -> Vec<Needle> {
     vec![
-        secret("the source password", pair.source.password()),
-        secret("the target password", pair.target.password()),
+        needle("the source password", pair.source.password()),
+        needle("the target password", pair.target.password()),
     ]
 }
 
@@ -103,20 +104,20 @@ impl Lengths {
     }
 }
 
-/// "FILE holds SECRET" for each secret found in what the files gained since `since` (all of
+/// "FILE holds WHAT" for each needle found in what the files gained since `since` (all of
 /// them without it), or in a text named by its label.
 fn leaks(
     files: &[PathBuf],
     since: Option<&Lengths>,
     texts: &[(&str, &str)],
-    secrets: &[Secret],
+    needles: &[Needle],
 ) -> Vec<String> {
     let mut found = Vec::new();
     let mut check = |label: &str, contents: &[u8]| {
-        for secret in secrets {
-            let needle = secret.value.as_bytes();
-            if contents.windows(needle.len()).any(|w| w == needle) {
-                found.push(format!("{label} holds {}", secret.what));
+        for needle in needles {
+            let bytes = needle.value.as_bytes();
+            if contents.windows(bytes.len()).any(|w| w == bytes) {
+                found.push(format!("{label} holds {}", needle.what));
             }
         }
     };
@@ -241,12 +242,12 @@ async fn no_password_reaches_a_log_when_every_statement_is_logged() {
         .unwrap()
         .get(0);
     let mut secrets = superuser_passwords(&pair);
-    secrets.push(secret(
+    secrets.push(needle(
         "the PgBouncer admin password",
         bouncer.admin_password(),
     ));
-    secrets.push(secret("the application's password", APP_PASSWORD));
-    secrets.push(secret("the application role's password hash", &app_hash));
+    secrets.push(needle("the application's password", APP_PASSWORD));
+    secrets.push(needle("the application role's password hash", &app_hash));
 
     // The servers do log statements: a test's own statement is there.
     for server in [&pair.source, &pair.target] {
@@ -267,6 +268,18 @@ async fn no_password_reaches_a_log_when_every_statement_is_logged() {
         &secrets,
     );
     assert!(found.is_empty(), "{found:#?}");
+    // Nor did pgshift's sessions or its psql restore have any statement logged: the state table
+    // that only they touch is named nowhere in what the target logged.
+    let statements = leaks(
+        &server_logs(&pair.target),
+        Some(&before_run),
+        &[],
+        &[needle(
+            "a statement on pgshift's state table",
+            "pgshift_state",
+        )],
+    );
+    assert!(statements.is_empty(), "{statements:#?}");
 }
 
 #[tokio::test]
