@@ -13,6 +13,8 @@ use pgshift_engine::pgbouncer::PgbouncerTarget;
 use pgshift_engine::{
     CutoverMode, Databases, Endpoint, Error, PasswordSources, Plan, Side, Traffic, Upgrade,
 };
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use args::{Cli, Command, Common, CutoverWhen};
 
@@ -87,8 +89,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return refuse_arguments(error),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    tracing_subscriber::registry()
+        .with(driver_statements_hidden())
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new(format!(
                     "pgshift={0},pgshift_engine={0},pgshift_lab={0},pgshift_operator={0}",
@@ -96,8 +99,11 @@ fn main() -> ExitCode {
                 ))
             }),
         )
-        .with_writer(|| output::LogWriter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(|| output::LogWriter)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
     let json = cli.command.json();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -127,6 +133,17 @@ fn refuse_arguments(error: clap::Error) -> ExitCode {
         Failure::Usage.print_json(rendered.trim().trim_start_matches("error: "));
     }
     ExitCode::from(Failure::Usage.exit_code())
+}
+
+/// tokio-postgres logs the text of every statement at debug level, and some of pgshift's hold
+/// secrets (the subscription's connection string carries the source password): its debug and
+/// trace output is dropped whatever `--log-level` or RUST_LOG ask for.
+fn driver_statements_hidden(
+) -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|metadata| {
+        !(metadata.target().starts_with("tokio_postgres")
+            && *metadata.level() > tracing::Level::INFO)
+    })
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {

@@ -154,7 +154,7 @@ async fn a_second_cutover_exits_at_once_naming_the_first_which_carries_on() {
     let started = Instant::now();
     let second = lab.output(&lab.args("cutover", &["--max-pause", "2s"]));
     let said = stderr(&second);
-    assert!(!second.status.success(), "the second cutover ran:\n{said}");
+    assert_eq!(second.status.code(), Some(3), "the second cutover ran:\n{said}");
     assert!(
         said.contains("another pgshift is working on this upgrade"),
         "{said}"
@@ -192,7 +192,7 @@ async fn a_second_run_exits_at_once_naming_the_first() {
     first.wait_for("initial copy", Duration::from_secs(60));
     let second = lab.output(&lab.args("run", &["--cutover", "manual"]));
     let said = stderr(&second);
-    assert!(!second.status.success(), "{said}");
+    assert_eq!(second.status.code(), Some(3), "{said}");
     assert!(
         said.contains(&format!("pgshift run pid {}", first.pid())),
         "the holder is not named: {said}"

@@ -31,6 +31,9 @@ pub struct ServerFacts {
     pub version_num: i32,
     pub user: String,
     pub superuser: bool,
+    /// Settings under which pgshift's own session would still have its statements logged
+    /// (its role may not turn them off); empty when none.
+    pub statement_logging: Vec<String>,
     pub wal_level: String,
     pub max_replication_slots: i64,
     pub slots_in_use: i64,
@@ -132,6 +135,23 @@ pub fn evaluate(facts: &Facts) -> Report {
                 source.wal_level
             ),
             "run ALTER SYSTEM SET wal_level = logical on the source and restart it".into(),
+        );
+    }
+    if !target.statement_logging.is_empty() {
+        let settings = target.statement_logging.join(", ");
+        block(
+            "statement_logging",
+            format!("target user {}", target.user),
+            format!(
+                "may not turn off {settings} for its sessions; the target's log would receive \
+                 pgshift's statements, among them the subscription's connection string with the \
+                 source password"
+            ),
+            format!(
+                "connect to the target as a superuser, or (PostgreSQL 15+) GRANT SET ON PARAMETER \
+                 {settings} TO {}",
+                crate::sql::ident(&target.user)
+            ),
         );
     }
     for (side, facts) in [("source", source), ("target", target)] {
@@ -415,6 +435,7 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
         version_num: row.get(1),
         user: row.get(2),
         superuser: row.get::<_, Option<bool>>(3).unwrap_or(false),
+        statement_logging: crate::session::loud_settings(client, side).await?,
         wal_level: row.get(4),
         max_replication_slots: row.get(5),
         slots_in_use: row.get(6),
@@ -629,6 +650,7 @@ mod tests {
             version_num,
             user: "postgres".into(),
             superuser: true,
+            statement_logging: Vec::new(),
             wal_level: "logical".into(),
             max_replication_slots: 10,
             slots_in_use: 0,
@@ -728,6 +750,22 @@ mod tests {
         assert_eq!(codes(&evaluate(&f)), ["privileges", "replication_slots"]);
         f.resuming = true;
         assert_eq!(codes(&evaluate(&f)), ["privileges"]);
+    }
+
+    #[test]
+    fn a_target_role_that_cannot_silence_the_statement_log_blocks() {
+        let mut f = facts();
+        f.source.statement_logging = vec!["log_statement".into()];
+        assert!(
+            evaluate(&f).ready(),
+            "the source gets no secrets in statements"
+        );
+        f.target.statement_logging = vec!["log_statement".into(), "log_min_error_statement".into()];
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["statement_logging"]);
+        assert!(report.blockers[0].fix.contains(
+            "GRANT SET ON PARAMETER log_statement, log_min_error_statement TO \"postgres\""
+        ));
     }
 
     #[test]

@@ -2,15 +2,21 @@
 //! into the target with psql of the target's major, in one transaction that also records the
 //! step as done — so a crash leaves either the whole schema or none of it.
 
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::process::Command;
 use tokio_postgres::Client;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{conninfo_value, Endpoint};
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::names;
+use crate::session;
 use crate::sql::{self, Role};
 
 /// Client tools of one major: pg_dump and psql.
@@ -194,9 +200,10 @@ pub fn dump_options() -> Vec<String> {
 }
 
 /// psql's options for the restore (connection and file aside): one transaction, stop at the
-/// first error.
+/// first error. The script file must come after them: they start the session by keeping its
+/// statements out of the server log (a dump can hold secrets, e.g. user mappings' passwords).
 pub fn restore_options() -> Vec<String> {
-    [
+    let mut options: Vec<String> = [
         "--no-psqlrc",
         "--quiet",
         "--single-transaction",
@@ -207,7 +214,40 @@ pub fn restore_options() -> Vec<String> {
         "ON_ERROR_STOP=1",
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    // psql's version is the server's here, but the restore runs whatever it is: only a
+    // superuser is sure to pass the privilege test on every major.
+    options.push(format!(
+        "--command={}",
+        session::quiet_session(session::may_set_privileged(0))
+    ));
+    options
+}
+
+/// The `dbname` part of a libpq connection string, for `--dbname` of pg_dump and psql: libpq
+/// reads a bare `--dbname` holding `=` or starting with `postgres://` as a connection string
+/// of its own, so a database named `host=x` would be a host. As a quoted value inside a
+/// connection string, every name is just a name.
+pub fn database_conninfo(database: &str) -> String {
+    format!("dbname={}", conninfo_value(database))
+}
+
+/// The one connection string a child tool gets (`--dbname`), with everything pgshift resolved
+/// for the endpoint but the password (that comes from the in-memory pgpass file).
+fn tool_conninfo(endpoint: &Endpoint) -> String {
+    [
+        database_conninfo(&endpoint.dbname),
+        format!("host={}", conninfo_value(&endpoint.host)),
+        format!("port={}", endpoint.port),
+        format!("user={}", conninfo_value(&endpoint.user)),
+        // libpq counts whole seconds; 0 would mean waiting forever.
+        format!(
+            "connect_timeout={}",
+            endpoint.connect_timeout.as_secs().max(1)
+        ),
+        "application_name=pgshift".to_string(),
+    ]
+    .join(" ")
 }
 
 /// SQL that ends the schema restore, in its transaction: pgshift's own objects and the step
@@ -224,11 +264,10 @@ pub fn restore_epilogue() -> String {
 /// Dumps the schema of `database` from the source and restores it into the target in one
 /// transaction, together with pgshift's own objects and the step record.
 pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) -> Result<()> {
-    let passfile = PassFile::write(&[source, target])?;
-    let dump = tool(&tools.pg_dump)
+    let passfile = MemoryFile::new("pgshift-pgpass", pgpass_text(&[source, target]).as_bytes())?;
+    let dump = tool(&tools.pg_dump, &passfile, None)
         .args(dump_options())
-        .args(connection_args(source))
-        .env("PGPASSFILE", passfile.path())
+        .arg(format!("--dbname={}", tool_conninfo(source)))
         .output()
         .await
         .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
@@ -243,12 +282,11 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
     script.extend_from_slice(restore_epilogue().as_bytes());
     // A complete file, not a pipe: if pgshift dies, psql must not read a cut-off script to its
     // end and COMMIT it. With the file and the parent-death signal, the restore is all or nothing.
-    let script_file = temporary_file("pgshift-schema", &script)?;
-    let output = tool(&tools.psql)
+    let script_file = MemoryFile::new("pgshift-schema", &script)?;
+    let output = tool(&tools.psql, &passfile, Some(&script_file))
         .args(restore_options())
-        .arg(format!("--file={}", script_file.path().display()))
-        .args(connection_args(target))
-        .env("PGPASSFILE", passfile.path())
+        .arg(format!("--file={}", script_file.path()))
+        .arg(format!("--dbname={}", tool_conninfo(target)))
         .output()
         .await
         .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.psql.display())))?;
@@ -262,18 +300,36 @@ pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) ->
     Ok(())
 }
 
-/// A client tool that dies with pgshift (Linux parent-death signal), so that a killed pgshift
-/// never leaves a restore running behind the next run's back.
-fn tool(program: &Path) -> Command {
+/// A client tool that gets exactly what pgshift resolved: no PG* variable of pgshift's own
+/// environment (a stale PGPASSWORD would win over the pgpass file, PGSERVICE or PGOPTIONS would
+/// change the connection), the in-memory pgpass file and, if any, the script file as inherited
+/// descriptors. It dies with pgshift (Linux parent-death signal), so that a killed pgshift never
+/// leaves a restore running behind the next run's back.
+fn tool(program: &Path, passfile: &MemoryFile, script: Option<&MemoryFile>) -> Command {
     let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"PG") {
+            command.env_remove(name);
+        }
+    }
     command
-        .env("PGAPPNAME", "pgshift")
+        .env("PGPASSFILE", passfile.path())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    let inherited: Vec<RawFd> = std::iter::once(passfile)
+        .chain(script)
+        .map(MemoryFile::fd)
+        .collect();
+    // SAFETY: prctl and fcntl are async-signal-safe and touch only the child being set up; the
+    // descriptors stay open in pgshift until the child has exited.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
+            for &fd in &inherited {
+                // Inherited by this child only: in pgshift they stay close-on-exec.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
                 Ok(())
             } else {
@@ -284,56 +340,60 @@ fn tool(program: &Path) -> Command {
     command
 }
 
-fn temporary_file(prefix: &str, contents: &[u8]) -> Result<tempfile::NamedTempFile> {
-    let io = |source| Error::Io {
-        path: format!("temporary file {prefix}"),
-        source,
-    };
-    let mut file = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempfile()
-        .map_err(io)?;
-    std::io::Write::write_all(&mut file, contents).map_err(io)?;
-    Ok(file)
-}
-
-fn connection_args(endpoint: &Endpoint) -> Vec<String> {
-    vec![
-        format!("--host={}", endpoint.host),
-        format!("--port={}", endpoint.port),
-        format!("--username={}", endpoint.user),
-        format!("--dbname={}", endpoint.dbname),
-    ]
-}
-
-/// A pgpass file (mode 0600, as tempfile creates it) for the child tools, so that no password
-/// is on a command line or in their environment; removed when dropped.
-struct PassFile {
-    file: tempfile::NamedTempFile,
-}
-
-impl PassFile {
-    fn write(endpoints: &[&Endpoint]) -> Result<PassFile> {
-        let escape = |v: &str| v.replace('\\', "\\\\").replace(':', "\\:");
-        let mut text = String::new();
-        for e in endpoints {
-            if let Some(password) = &e.password {
-                text.push_str(&format!(
-                    "{}:{}:*:{}:{}\n",
-                    escape(&e.host),
-                    e.port,
-                    escape(&e.user),
-                    escape(password.expose())
-                ));
-            }
-        }
-        Ok(PassFile {
-            file: temporary_file("pgshift-pgpass", text.as_bytes())?,
+/// pgpass lines (`host:port:*:user:password`) for the endpoints that have a password.
+fn pgpass_text(endpoints: &[&Endpoint]) -> String {
+    let escape = |v: &str| v.replace('\\', "\\\\").replace(':', "\\:");
+    endpoints
+        .iter()
+        .filter_map(|e| {
+            let password = e.password.as_ref()?;
+            Some(format!(
+                "{}:{}:*:{}:{}\n",
+                escape(&e.host),
+                e.port,
+                escape(&e.user),
+                escape(password.expose())
+            ))
         })
+        .collect()
+}
+
+/// A file that exists in memory only (Linux `memfd_create`): nothing of it is ever on disk, and
+/// it is gone once pgshift and the children that inherited it have exited, however they end. A
+/// child opens it by the path `/proc/self/fd/N`, which libpq and psql take for a regular file.
+struct MemoryFile {
+    file: File,
+}
+
+impl MemoryFile {
+    fn new(name: &str, contents: &[u8]) -> Result<MemoryFile> {
+        let io = |source| Error::Io {
+            path: format!("in-memory file {name}"),
+            source,
+        };
+        let c_name = CString::new(name).expect("file names hold no NUL");
+        // SAFETY: a valid C string; the new descriptor is owned by `file` alone.
+        let mut file = unsafe {
+            let fd = libc::memfd_create(c_name.as_ptr(), libc::MFD_CLOEXEC);
+            if fd < 0 {
+                return Err(io(std::io::Error::last_os_error()));
+            }
+            File::from_raw_fd(fd)
+        };
+        // libpq ignores a password file that group or others may read (memfd starts at 0777).
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
+        file.write_all(contents).map_err(io)?;
+        Ok(MemoryFile { file })
     }
 
-    fn path(&self) -> &Path {
-        self.file.path()
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// The path under which a child that inherited the descriptor opens the file from its start.
+    fn path(&self) -> String {
+        format!("/proc/self/fd/{}", self.fd())
     }
 }
 
@@ -352,5 +412,55 @@ mod tests {
             Some(("15.18".into(), 15))
         );
         assert_eq!(parse_tool_version("nonsense"), None);
+    }
+
+    fn endpoint(dbname: &str, password: &str) -> Endpoint {
+        let mut endpoint = Endpoint::new(
+            Side::Source,
+            "db:1",
+            6543,
+            "o'neil",
+            dbname,
+            Some(crate::endpoint::Secret::new(password)),
+        );
+        endpoint.connect_timeout = std::time::Duration::from_millis(500);
+        endpoint
+    }
+
+    #[test]
+    fn the_tools_get_the_database_name_as_a_quoted_value_and_no_password() {
+        let e = endpoint("dbname=x host='y' \\", "secret");
+        assert_eq!(
+            tool_conninfo(&e),
+            "dbname='dbname=x host=\\'y\\' \\\\' host='db:1' port=6543 user='o\\'neil' \
+             connect_timeout=1 application_name=pgshift"
+        );
+        assert_eq!(database_conninfo("a=b"), "dbname='a=b'");
+    }
+
+    #[test]
+    fn pgpass_lines_escape_colons_and_backslashes() {
+        let (a, b) = (endpoint("x", "p:a\\ss"), endpoint("y", "other"));
+        let mut no_password = endpoint("z", "");
+        no_password.password = None;
+        assert_eq!(
+            pgpass_text(&[&a, &no_password, &b]),
+            "db\\:1:6543:*:o'neil:p\\:a\\\\ss\ndb\\:1:6543:*:o'neil:other\n"
+        );
+    }
+
+    #[test]
+    fn a_memory_file_is_private_off_disk_and_read_from_its_start_by_path() {
+        let file = MemoryFile::new("pgshift-test", b"contents").unwrap();
+        let meta = std::fs::metadata(file.path()).unwrap();
+        // libpq insists on a regular file that only its owner may read.
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(file.path()).unwrap(), b"contents");
+        let target = std::fs::read_link(file.path()).unwrap();
+        assert!(
+            target.to_string_lossy().starts_with("/memfd:pgshift-test"),
+            "{target:?}"
+        );
     }
 }

@@ -259,9 +259,9 @@ pub fn schema_job(v: &Validated, database: &str, source_oid: u32, epilogue: &str
     let script = format!(
         "set -eu\n\
          file=$(mktemp)\n\
-         PGPASSWORD=\"$SOURCE_PASSWORD\" pg_dump {dump} --host=\"$SOURCE_HOST\" --port=\"$SOURCE_PORT\" --username=\"$SOURCE_USER\" --dbname=\"$DATABASE\" --file=\"$file\"\n\
+         PGPASSWORD=\"$SOURCE_PASSWORD\" pg_dump {dump} --host=\"$SOURCE_HOST\" --port=\"$SOURCE_PORT\" --username=\"$SOURCE_USER\" --dbname=\"$DATABASE_CONNINFO\" --file=\"$file\"\n\
          printf '%s\\n' \"$PGSHIFT_EPILOGUE\" >> \"$file\"\n\
-         PGPASSWORD=\"$TARGET_PASSWORD\" psql {restore} --host=\"$TARGET_HOST\" --port=\"$TARGET_PORT\" --username=\"$TARGET_USER\" --dbname=\"$DATABASE\" --file=\"$file\"\n\
+         PGPASSWORD=\"$TARGET_PASSWORD\" psql {restore} --host=\"$TARGET_HOST\" --port=\"$TARGET_PORT\" --username=\"$TARGET_USER\" --dbname=\"$DATABASE_CONNINFO\" --file=\"$file\"\n\
          rm -f \"$file\"\n"
     );
     let secret_env = |name: &str, secret: &str, key: &str| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}});
@@ -285,7 +285,8 @@ pub fn schema_job(v: &Validated, database: &str, source_oid: u32, epilogue: &str
                         "command": ["bash", "-c", script],
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                         "env": [
-                            value_env("DATABASE", database.to_string()),
+                            // `dbname='…'`: a bare name with `=` would be a connection string.
+                            value_env("DATABASE_CONNINFO", pgshift_engine::schema::database_conninfo(database)),
                             value_env("SOURCE_HOST", v.source.host.clone()),
                             value_env("SOURCE_PORT", v.source.port.to_string()),
                             secret_env("SOURCE_USER", source_secret, "username"),
