@@ -7,9 +7,12 @@ mod common;
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{exec, pgshift_objects};
+use common::{checksums, exec, pgshift_objects};
+use pgshift_engine::observe::Action;
+use pgshift_engine::{Event, EventSink, Phase, Upgrade};
 use pgshift_lab::{PgServer, PgpassEntry, ServerOptions};
 use support::{pair_with_app, pair_with_settings, pgpass, pgshift, refuse, url};
 
@@ -224,6 +227,188 @@ async fn workers_taken_by_other_subscriptions_on_the_target_are_counted() {
         ["slot reports_sub"]
     );
     assert!(pgshift_objects(&pair.target, &["app"]).await.is_empty());
+}
+
+/// Every step before the subscription, whose creation starts the copy.
+async fn steps_before_the_subscription(upgrade: &mut Upgrade) {
+    for _ in 0..20 {
+        if upgrade.next_steps().await.unwrap()[0].1 == Action::CreateSubscription {
+            return;
+        }
+        upgrade.advance().await.unwrap();
+    }
+    panic!("no CreateSubscription step after 20 steps");
+}
+
+/// Sets a reloadable setting on the target and waits until new sessions see it.
+async fn reload_setting(server: &PgServer, name: &str, value: &str) {
+    exec(
+        server,
+        "postgres",
+        &format!("ALTER SYSTEM SET {name} = {value}"),
+    )
+    .await;
+    exec(server, "postgres", "SELECT pg_reload_conf()").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = server.connect("postgres").await.unwrap();
+        let now: String = client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .unwrap()
+            .get(0);
+        if now == value {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed {now}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_copy_no_table_sync_worker_can_start_is_explained_and_refused_until_fixed() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    let mut upgrade = Upgrade::connect(
+        common::plan(&pair, "app"),
+        pgshift_engine::events::discard(),
+    )
+    .await
+    .unwrap();
+    steps_before_the_subscription(&mut upgrade).await;
+    reload_setting(&pair.target, "max_sync_workers_per_subscription", "0").await;
+    upgrade.advance().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let problem = loop {
+        let status = upgrade.status().await.unwrap();
+        if let Some(problem) = &status.databases[0].apply_problem {
+            break problem.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never named the problem: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        problem.contains(
+            "table(s) wait for their initial copy and no table-sync worker runs: \
+             the target has max_sync_workers_per_subscription = 0"
+        ),
+        "{problem}"
+    );
+    // A run started now is refused with the fix, instead of waiting for a copy that cannot start.
+    let refused = upgrade.run().await.unwrap_err().to_string();
+    assert!(
+        refused
+            .contains("max_sync_workers_per_subscription = 0: no table's initial copy can start"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("set max_sync_workers_per_subscription = 2 on the target and reload it"),
+        "{refused}"
+    );
+    reload_setting(&pair.target, "max_sync_workers_per_subscription", "2").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(300), upgrade.run())
+        .await
+        .expect("the run finishes once table-sync workers may start")
+        .unwrap();
+    assert_eq!(outcome.finished, Phase::Done);
+    assert_eq!(
+        checksums(&pair.source, "app").await,
+        checksums(&pair.target, "app").await
+    );
+}
+
+#[tokio::test]
+async fn a_copy_blocked_by_a_lock_on_the_target_is_explained_and_finishes_once_released() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    exec(
+        &pair.source,
+        "app",
+        "INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE notes (id int PRIMARY KEY); INSERT INTO notes SELECT generate_series(1, 10)",
+    )
+    .await;
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let sink: EventSink = {
+        let events = events.clone();
+        Arc::new(move |event| events.lock().unwrap().push(event))
+    };
+    let mut plan = common::plan(&pair, "app");
+    plan.copy_stall_after = Duration::from_secs(3);
+    let mut upgrade = Upgrade::connect(plan, sink).await.unwrap();
+    steps_before_the_subscription(&mut upgrade).await;
+    // SHARE mode lets CREATE SUBSCRIPTION look at the table (ACCESS SHARE) and stops the
+    // table-sync worker's COPY (ROW EXCLUSIVE). The target database is read-only by its
+    // setting until the cutover: lift that in this session.
+    let holder = pair.target.connect("app").await.unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder
+        .batch_execute(
+            "SET application_name = 'lock_holder'; SET default_transaction_read_only = off;
+             BEGIN; LOCK TABLE items IN SHARE MODE",
+        )
+        .await
+        .unwrap();
+    let names_the_holder = |cause: &str| {
+        cause.contains(&format!("pid {holder_pid}"))
+            && cause.contains("lock_holder")
+            && cause.contains("public.items")
+    };
+    let pgpass = pgpass(&pair);
+    let watch = async {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let report = loop {
+            let found = events.lock().unwrap().iter().find_map(|event| match event {
+                Event::CopyStalled {
+                    database, cause, ..
+                } if database == "app" && names_the_holder(cause) => Some(cause.clone()),
+                _ => None,
+            });
+            if let Some(report) = found {
+                break report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stall report naming the lock holder (pid {holder_pid}) within 90 s; events: {:?}",
+                events.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let status = pgshift(
+            &pgpass,
+            &[
+                "status",
+                "--source",
+                &url(&pair.source, "postgres", "app"),
+                "--target",
+                &url(&pair.target, "postgres", "app"),
+            ],
+        );
+        holder.batch_execute("ROLLBACK").await.unwrap();
+        (report, text(&status))
+    };
+    let (outcome, (report, status)) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(300), upgrade.run()),
+        watch
+    );
+    let outcome = outcome
+        .expect("the run finishes once the lock is gone")
+        .unwrap();
+    assert_eq!(outcome.finished, Phase::Done);
+    assert!(report.contains("LOCK TABLE items"), "{report}");
+    assert!(
+        status.contains("problem:") && names_the_holder(&status),
+        "status while blocked: {status}"
+    );
+    assert_eq!(
+        checksums(&pair.source, "app").await,
+        checksums(&pair.target, "app").await
+    );
 }
 
 #[tokio::test]

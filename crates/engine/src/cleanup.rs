@@ -230,6 +230,10 @@ impl Upgrade {
                 }
                 _ => None,
             };
+            let apply_problem = match apply_problem {
+                None => self.copy_obstacle(&db, &action).await?,
+                known => known,
+            };
             databases.push(DatabaseStatus {
                 phase: phase_of(&action),
                 next: format!("{action:?}"),
@@ -258,7 +262,7 @@ pub struct DatabaseStatus {
     pub phase: Phase,
     pub next: String,
     pub apply_errors: i64,
-    /// The cause of failing replication, as the target reports it.
+    /// The cause of failing replication, or of an initial copy held up, as the target reports it.
     pub apply_problem: Option<String>,
     pub database: Database,
 }

@@ -17,6 +17,7 @@ pub mod preflight;
 pub mod schema;
 pub mod session;
 pub mod sql;
+pub mod stall;
 pub mod upgrade;
 
 pub use endpoint::{Endpoint, PasswordSources, Secret};

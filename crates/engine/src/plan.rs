@@ -87,6 +87,9 @@ pub struct Plan {
     pub max_lag_bytes: i64,
     /// How many times an aborted cutover is tried again in one run.
     pub cutover_attempts: u32,
+    /// An initial copy that has not moved for this long is reported, with its cause read
+    /// from the target.
+    pub copy_stall_after: Duration,
 }
 
 impl Plan {
@@ -103,6 +106,7 @@ impl Plan {
             source_address_for_target: None,
             max_lag_bytes: 8 * 1024 * 1024,
             cutover_attempts: 3,
+            copy_stall_after: Duration::from_secs(60),
         }
     }
 

@@ -219,6 +219,7 @@ impl Upgrade {
         let mut previous_errors: HashMap<String, i64> = HashMap::new();
         let mut baseline_errors: Option<HashMap<String, i64>> = None;
         let mut rates = RateMeter::default();
+        let mut copy_watch = crate::stall::CopyWatch::new(self.plan.copy_stall_after);
         let mut attempts = 0;
         let mut last_cutover = None;
         loop {
@@ -257,6 +258,8 @@ impl Upgrade {
                         });
                     }
                 }
+                self.report_stalled_copies(&mut copy_watch, &actions)
+                    .await?;
                 tokio::time::sleep(POLL).await;
                 continue;
             }
