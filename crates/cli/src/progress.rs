@@ -62,7 +62,9 @@ impl Progress {
     fn show(&self, event: Event) {
         let mut state = self.inner.lock().expect("progress lock");
         if state.quiet {
-            if let Event::Warning { message } | Event::ApplyFailing { cause: message, .. } = &event
+            if let Event::Warning { message }
+            | Event::ApplyFailing { cause: message, .. }
+            | Event::CopyStalled { cause: message, .. } = &event
             {
                 output::err(&format!("warning: {message}\n"));
             }
@@ -117,6 +119,13 @@ impl Progress {
             Event::ApplyFailing { database, cause } => {
                 Some(format!("{database}: replication is failing: {cause}"))
             }
+            Event::CopyStalled {
+                database,
+                stalled_for_s,
+                cause,
+            } => Some(format!(
+                "{database}: the initial copy has not moved for {stalled_for_s} s: {cause}"
+            )),
             Event::CutoverStep { step, ms } => Some(format!("cutover: {step} {ms:.1} ms")),
             Event::CutoverAborted { reason } => Some(format!("cutover aborted: {reason}")),
             Event::Warning { message } => Some(format!("warning: {message}")),

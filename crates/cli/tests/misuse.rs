@@ -154,7 +154,11 @@ async fn a_second_cutover_exits_at_once_naming_the_first_which_carries_on() {
     let started = Instant::now();
     let second = lab.output(&lab.args("cutover", &["--max-pause", "2s"]));
     let said = stderr(&second);
-    assert_eq!(second.status.code(), Some(3), "the second cutover ran:\n{said}");
+    assert_eq!(
+        second.status.code(),
+        Some(3),
+        "the second cutover ran:\n{said}"
+    );
     assert!(
         said.contains("another pgshift is working on this upgrade"),
         "{said}"

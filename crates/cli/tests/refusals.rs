@@ -5,6 +5,8 @@
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
+mod support;
+
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -12,130 +14,8 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{exec, pgshift_objects, Pair};
-use pgshift_lab::{PgServer, ServerOptions};
-
-/// The pgshift binary with passwords from a pgpass file (never on the command line), and no
-/// password, URL or ~/.pgpass inherited from whoever runs the tests.
-fn command(pgpass: &Path) -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"));
-    command
-        .env("PGPASSFILE", pgpass)
-        .env("HOME", "/nonexistent-home")
-        .env_remove("PGPASSWORD")
-        .env_remove("PGSHIFT_SOURCE")
-        .env_remove("PGSHIFT_TARGET");
-    command
-}
-
-fn pgshift(pgpass: &Path, args: &[&str]) -> Output {
-    command(pgpass).args(args).output().expect("pgshift runs")
-}
-
-fn url(server: &PgServer, user: &str, db: &str) -> String {
-    format!("postgres://{user}@{}:{}/{db}", server.host(), server.port())
-}
-
-fn pgpass(pair: &Pair) -> std::path::PathBuf {
-    let path = pair.dir.path().join("pgpass");
-    pgshift_lab::write_pgpass(&path, &[&pair.source, &pair.target]).unwrap();
-    path
-}
-
-struct Refusal {
-    code: i32,
-    stderr: String,
-    stdout: String,
-}
-
-/// `check` and `run` both refuse; returns what `run` said.
-/// `bin_dir`: where pg_dump and psql are; the target's own tools when None.
-async fn refuse(pair: &Pair, pgpass: &Path, source_user: &str, bin_dir: Option<&Path>) -> Refusal {
-    let source = url(&pair.source, source_user, "app");
-    let target = url(&pair.target, "postgres", "app");
-    let bin = bin_dir
-        .unwrap_or(pair.target.bin_dir())
-        .display()
-        .to_string();
-    let args = vec![
-        "--source",
-        &source,
-        "--target",
-        &target,
-        "--pg-bin-dir",
-        &bin,
-    ];
-    let check = pgshift(pgpass, &[&["check"], args.as_slice()].concat());
-    let run = pgshift(pgpass, &[&["run"], args.as_slice()].concat());
-    assert_ne!(check.status.code(), Some(0), "check accepted bad input");
-    assert_ne!(run.status.code(), Some(0), "run accepted bad input");
-    let refusal = Refusal {
-        code: run.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
-        stdout: String::from_utf8_lossy(&check.stdout).into_owned()
-            + &String::from_utf8_lossy(&check.stderr),
-    };
-    assert_untouched(pair, &refusal.stderr).await;
-    refusal
-}
-
-/// Neither server holds anything of pgshift's, and the target has no database `app`.
-async fn assert_untouched(pair: &Pair, stderr: &str) {
-    assert!(
-        pgshift_objects(&pair.source, &["app"]).await.is_empty(),
-        "source changed: {stderr}"
-    );
-    assert!(
-        pgshift_objects(&pair.target, &["app"]).await.is_empty(),
-        "target changed: {stderr}"
-    );
-    let target_dbs = pair.target.connect("postgres").await.unwrap();
-    let app_on_target: bool = target_dbs
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'app')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        !app_on_target,
-        "a refused run created the target database: {stderr}"
-    );
-}
-
-async fn pair_with_app(
-    source_major: u32,
-    target_major: u32,
-    source_settings: &[(&str, &str)],
-) -> Pair {
-    pgshift_lab::testing::require_binaries();
-    let dir = tempfile::tempdir().unwrap();
-    let mut options = ServerOptions::new(source_major, dir.path().to_path_buf(), "source");
-    for (key, value) in source_settings {
-        options = options.setting(key, value);
-    }
-    let (source, target) = tokio::join!(
-        PgServer::start(options),
-        PgServer::start(ServerOptions::new(
-            target_major,
-            dir.path().to_path_buf(),
-            "target"
-        ))
-    );
-    let pair = Pair {
-        source: source.unwrap(),
-        target: target.unwrap(),
-        dir,
-    };
-    pair.source.create_database("app").await.unwrap();
-    exec(
-        &pair.source,
-        "app",
-        "CREATE TABLE items (id serial PRIMARY KEY, name text)",
-    )
-    .await;
-    pair
-}
+use pgshift_lab::PgServer;
+use support::{assert_untouched, command, pair_with_app, pgpass, pgshift, refuse, url};
 
 #[tokio::test]
 async fn wal_level_replica_is_refused() {

@@ -278,6 +278,10 @@ impl Upgrade {
                 true => Some(self.stream_failure_cause(&db.name).await?),
                 false => None,
             };
+            let apply_problem = match apply_problem {
+                None => self.copy_obstacle(&db, &action).await?,
+                known => known,
+            };
             for fence_step in [step::FENCED, step::FENCED_BACK] {
                 if fence.is_none() && db.has(fence_step) {
                     fence = Some(self.fence_status(&db.name, fence_step).await?);
@@ -383,7 +387,7 @@ pub struct DatabaseStatus {
     pub serving: Side,
     pub next: String,
     pub apply_errors: i64,
-    /// The cause of failing replication, as the target reports it.
+    /// The cause of failing replication, or of an initial copy held up, as the target reports it.
     pub apply_problem: Option<String>,
     pub database: Database,
 }

@@ -146,6 +146,7 @@ impl Upgrade {
         let mut baseline_errors: Option<HashMap<String, i64>> = None;
         let mut previous_errors: HashMap<String, i64> = HashMap::new();
         let mut rates = RateMeter::default();
+        let mut copy_watch = crate::stall::CopyWatch::new(self.plan.copy_stall_after);
         let mut attempts = 0;
         let mut switched = None;
         loop {
@@ -178,6 +179,8 @@ impl Upgrade {
                             });
                         }
                     }
+                    self.report_stalled_copies(&mut copy_watch, &databases)
+                        .await?;
                     tokio::time::sleep(POLL).await;
                 }
                 Next::CatchUp {

@@ -61,6 +61,13 @@ pub enum Event {
         database: String,
         cause: String,
     },
+    /// A database's initial copy has not moved for `stalled_for_s` seconds; `cause` is what the
+    /// target shows holding it up.
+    CopyStalled {
+        database: String,
+        stalled_for_s: u64,
+        cause: String,
+    },
     CutoverStep {
         step: String,
         ms: f64,

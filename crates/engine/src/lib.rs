@@ -22,6 +22,7 @@ pub mod preflight;
 pub mod schema;
 pub mod session;
 pub mod sql;
+pub mod stall;
 mod streams;
 pub mod upgrade;
 

@@ -337,7 +337,7 @@ pub async fn apply_failure_cause(
     subscriber: (&Client, Side),
 ) -> Result<String> {
     let mut causes = schema_drift(publisher, subscriber).await?;
-    if let Some(line) = last_replication_error(subscriber.0).await {
+    if let Some(line) = newest_log_entry(subscriber.0, &["ERROR"]).await {
         causes.push(line);
     }
     if causes.is_empty() {
@@ -401,9 +401,10 @@ async fn columns(
         .collect())
 }
 
-/// The newest logical-replication error line of the target's current log file, if the log
-/// collector writes one that the connected (superuser) role can read.
-async fn last_replication_error(target: &Client) -> Option<String> {
+/// The newest line of one of `levels` (e.g. `ERROR`) in the target's current log file, with
+/// the DETAIL, HINT or CONTEXT line after it, if the log collector writes one that the
+/// connected (superuser) role can read.
+pub(crate) async fn newest_log_entry(target: &Client, levels: &[&str]) -> Option<String> {
     let row = target
         .query_one(
             "SELECT f, (pg_stat_file(f)).size FROM (SELECT pg_current_logfile() AS f) s WHERE f IS NOT NULL",
@@ -419,19 +420,28 @@ async fn last_replication_error(target: &Client) -> Option<String> {
         .ok()?
         .get(0);
     let lines: Vec<&str> = text.lines().collect();
+    let level_of = |line: &str| {
+        levels.iter().find_map(|level| {
+            let (_, message) = line.split_once(&format!("{level}:"))?;
+            Some((*level, message.trim().to_string()))
+        })
+    };
     let position = lines
         .iter()
-        .rposition(|l| l.contains("ERROR:") && !l.contains("STATEMENT:"))?;
-    // The error line usually follows the "logical replication ... worker" context.
-    let error = lines[position];
+        .rposition(|l| !l.contains("STATEMENT:") && level_of(l).is_some())?;
+    let (level, message) = level_of(lines[position])?;
+    // The line usually comes with the "logical replication ... worker" context or a hint.
     let context = lines
         .get(position + 1)
-        .filter(|l| l.contains("CONTEXT:") || l.contains("DETAIL:"))
+        .filter(|l| {
+            ["CONTEXT:", "DETAIL:", "HINT:"]
+                .iter()
+                .any(|c| l.contains(c))
+        })
         .map(|l| l.trim().to_string())
         .unwrap_or_default();
-    let message = error.split("ERROR:").nth(1)?.trim();
     Some(
-        format!("target log: ERROR: {message} {context}")
+        format!("target log: {level}: {message} {context}")
             .trim()
             .to_string(),
     )

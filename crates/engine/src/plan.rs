@@ -96,6 +96,9 @@ pub struct Plan {
     /// What the holder of the upgrade lock is doing (`run`, `cutover`, …): other pgshift
     /// processes name it when they find the lock held.
     pub command: String,
+    /// An initial copy that has not moved for this long is reported, with its cause read
+    /// from the target.
+    pub copy_stall_after: Duration,
 }
 
 impl Plan {
@@ -116,6 +119,7 @@ impl Plan {
             cutover_attempts: 3,
             fence_guard: None,
             command: "engine".into(),
+            copy_stall_after: Duration::from_secs(60),
         }
     }
 

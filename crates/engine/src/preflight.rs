@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 use crate::error::{Result, Side, SqlContext};
 use crate::names;
 use crate::schema::Tools;
+use crate::sql;
 use crate::upgrade::Upgrade;
 
 /// A problem found, the object it concerns and what to do about it.
@@ -40,6 +41,10 @@ pub struct ServerFacts {
     pub max_wal_senders: i64,
     pub senders_in_use: i64,
     pub max_logical_replication_workers: i64,
+    pub max_worker_processes: i64,
+    pub max_sync_workers_per_subscription: i64,
+    /// Logical replication workers that subscriptions other than pgshift's hold or will start.
+    pub logical_workers_taken: i64,
     pub system_identifier: String,
 }
 
@@ -69,6 +74,28 @@ pub struct DatabaseFacts {
     /// Tablespaces the database's tables, indexes or default use on the source that the target
     /// server does not have: the schema restore would fail on them.
     pub tablespaces_missing_on_target: Vec<String>,
+    /// Foreign tables (relkind 'f'): their rows live behind a foreign-data wrapper.
+    pub fdw_tables: Vec<FdwTable>,
+}
+
+/// A foreign table and the foreign server its rows come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FdwTable {
+    pub table: String,
+    pub server: String,
+    pub wrapper: String,
+}
+
+/// How the target server relates to the source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetIdentity {
+    #[default]
+    Distinct,
+    /// The target URL reaches the source server itself.
+    SourceItself,
+    /// Another server with the source's system identifier: a standby or a restored backup.
+    CopyOfSource,
 }
 
 /// What the client tools found at `--pg-bin-dir` (or PATH) can do.
@@ -87,6 +114,7 @@ pub struct Facts {
     pub databases: Vec<DatabaseFacts>,
     /// True when pgshift objects from an earlier run exist: the run resumes, it is no blocker.
     pub resuming: bool,
+    pub target_identity: TargetIdentity,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +146,36 @@ pub fn evaluate(facts: &Facts) -> Report {
     };
     let (source, target) = (&facts.source, &facts.target);
 
+    match facts.target_identity {
+        // Every other check would compare the server with itself.
+        TargetIdentity::SourceItself => {
+            return Report {
+                source_version: source.version.clone(),
+                target_version: target.version.clone(),
+                databases: facts.databases.clone(),
+                blockers: vec![Finding {
+                    code: "target_is_source",
+                    object: "target server".into(),
+                    problem: "is the source server itself (pgshift's source session shows among the target's sessions); \
+                              run would make the source read-only and subscribe it to itself"
+                        .into(),
+                    fix: "point --target at the new server (another host or port), not at the source".into(),
+                }],
+                warnings: Vec::new(),
+            };
+        }
+        TargetIdentity::CopyOfSource => block(
+            "target_copy_of_source",
+            "target server".into(),
+            format!(
+                "has the source's system identifier {}: it is a physical copy of the source (a standby or a \
+                 restored backup), and pgshift tells the two servers apart by that identifier",
+                source.system_identifier
+            ),
+            "point --target at a new server initialised on its own (initdb)".into(),
+        ),
+        TargetIdentity::Distinct => {}
+    }
     if target.major() < source.major() {
         block(
             "target_older",
@@ -199,17 +257,64 @@ pub fn evaluate(facts: &Facts) -> Report {
             ),
         );
     }
-    if target.max_logical_replication_workers < databases + 1 {
+    // One apply worker per database and at least one table-sync worker, or no copy starts.
+    let workers_needed = databases + 1;
+    let taken = target.logical_workers_taken;
+    let workers_free = target.max_logical_replication_workers - taken;
+    if workers_free < workers_needed {
+        let held = match taken {
+            0 => String::new(),
+            n => format!(" with {n} taken by other subscriptions"),
+        };
+        block(
+            "logical_workers",
+            "target server".into(),
+            format!(
+                "has max_logical_replication_workers = {}{held}; pgshift needs {workers_needed} (an apply worker \
+                 for each of {databases} database(s) and at least one table-sync worker)",
+                target.max_logical_replication_workers
+            ),
+            format!(
+                "raise max_logical_replication_workers on the target to at least {} and restart it",
+                taken + workers_needed
+            ),
+        );
+    } else if workers_free < databases * 3 {
         warnings.push(Finding {
             code: "logical_workers",
             object: "target server".into(),
             problem: format!(
-                "has max_logical_replication_workers = {}; the initial copy runs slowly with fewer than {}",
-                target.max_logical_replication_workers,
+                "has {workers_free} logical replication workers free; the initial copy runs slowly with fewer than {} \
+                 (an apply and two table-sync workers per database)",
                 databases * 3
             ),
             fix: "raise max_logical_replication_workers (and max_worker_processes) on the target".into(),
         });
+    }
+    // Logical replication workers are background workers, as is their launcher.
+    let processes_needed = 1 + taken + workers_needed;
+    if target.max_worker_processes < processes_needed {
+        block(
+            "worker_processes",
+            "target server".into(),
+            format!(
+                "has max_worker_processes = {}; the logical replication launcher and {} replication workers need {processes_needed}",
+                target.max_worker_processes,
+                taken + workers_needed
+            ),
+            format!("raise max_worker_processes on the target to at least {processes_needed} and restart it"),
+        );
+    }
+    if target.max_sync_workers_per_subscription < 1 {
+        block(
+            "sync_workers",
+            "target server".into(),
+            format!(
+                "has max_sync_workers_per_subscription = {}: no table's initial copy can start",
+                target.max_sync_workers_per_subscription
+            ),
+            "set max_sync_workers_per_subscription = 2 on the target and reload it".into(),
+        );
     }
     match facts.tools.pg_dump_major {
         None => block(
@@ -315,6 +420,20 @@ pub fn evaluate(facts: &Facts) -> Report {
                 fix: format!("ALTER TABLE {table} SET LOGGED before the upgrade if its contents matter"),
             });
         }
+        for foreign in &db.fdw_tables {
+            warnings.push(Finding {
+                code: "foreign_table",
+                object: format!("foreign table {} (database {})", foreign.table, db.name),
+                problem: format!(
+                    "reads its rows through foreign server {} ({}); logical replication does not carry them: \
+                     pgshift copies the table's definition and the rows stay where that server keeps them",
+                    foreign.server, foreign.wrapper
+                ),
+                fix: "make sure the target reaches the same rows: the foreign server's address and user mappings, \
+                      or for file_fdw the file on the target's host"
+                    .into(),
+            });
+        }
         for view in &db.materialized_views {
             warnings.push(Finding {
                 code: "materialized_view",
@@ -337,6 +456,8 @@ pub fn evaluate(facts: &Facts) -> Report {
 pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
     let source = server_facts(&up.source_admin, Side::Source).await?;
     let target = server_facts(&up.target_admin, Side::Target).await?;
+    let target_identity = target_identity(up, &source, &target).await?;
+    let available_on_target = available_extensions(&up.target_admin).await?;
     let local_tools = if up.plan.schema_tools_in_target_image {
         None
     } else {
@@ -392,6 +513,12 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
                 || crate::observe::switch_record(target_db).await?.is_some();
         }
         let mut facts = database_facts(&name, &source_db, target_db.as_ref()).await?;
+        // Server-wide on the target, so known before pgshift creates the database there.
+        facts.extensions_missing_on_target = installed_extensions(&source_db)
+            .await?
+            .into_iter()
+            .filter(|e| !available_on_target.contains(e))
+            .collect();
         let on_target = tablespaces(&up.target_admin).await?;
         facts.tablespaces_missing_on_target = tablespaces_used(&source_db)
             .await?
@@ -406,7 +533,46 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
         tools,
         databases,
         resuming,
+        target_identity,
     })
+}
+
+/// Whether the target URL reaches the source server (or a physical copy of it). System
+/// identifiers need a superuser; the proof that needs no privilege is a session: a random
+/// application_name on pgshift's source session, looked for among the target's sessions.
+async fn target_identity(
+    up: &Upgrade,
+    source: &ServerFacts,
+    target: &ServerFacts,
+) -> Result<TargetIdentity> {
+    let token = format!("pgshift-preflight-{:016x}", rand::random::<u64>());
+    up.source_admin
+        .batch_execute(&format!("SET application_name = {}", sql::literal(&token)))
+        .await
+        .on(Side::Source, "marking pgshift's session")?;
+    let seen = up
+        .target_admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1)",
+            &[&token],
+        )
+        .await
+        .on(Side::Target, "looking for pgshift's source session");
+    up.source_admin
+        .batch_execute("RESET application_name")
+        .await
+        .on(Side::Source, "unmarking pgshift's session")?;
+    if seen?.get(0) {
+        return Ok(TargetIdentity::SourceItself);
+    }
+    let known = !source.system_identifier.is_empty();
+    Ok(
+        if known && source.system_identifier == target.system_identifier {
+            TargetIdentity::CopyOfSource
+        } else {
+            TargetIdentity::Distinct
+        },
+    )
 }
 
 /// Reads the server-wide facts of one side.
@@ -420,8 +586,14 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
                     (SELECT count(*) FROM pg_replication_slots),
                     current_setting('max_wal_senders')::int8,
                     (SELECT count(*) FROM pg_stat_replication),
-                    current_setting('max_logical_replication_workers')::int8",
-            &[],
+                    current_setting('max_logical_replication_workers')::int8,
+                    current_setting('max_worker_processes')::int8,
+                    current_setting('max_sync_workers_per_subscription')::int8,
+                    -- Per other subscription: its apply worker while enabled, or the workers it runs.
+                    (SELECT coalesce(sum(GREATEST(s.subenabled::int,
+                                (SELECT count(*) FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.pid IS NOT NULL))), 0)::int8
+                     FROM pg_subscription s WHERE s.subname NOT LIKE $1)",
+            &[&format!("{}%", names::PREFIX.replace('_', "\\_"))],
         )
         .await
         .on(side, "reading server settings")?;
@@ -442,6 +614,9 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
         max_wal_senders: row.get(7),
         senders_in_use: row.get(8),
         max_logical_replication_workers: row.get(9),
+        max_worker_processes: row.get(10),
+        max_sync_workers_per_subscription: row.get(11),
+        logical_workers_taken: row.get(12),
         // pg_control_system() is for superusers only; the privilege check reports the rest.
         system_identifier: client
             .query_one(
@@ -454,7 +629,8 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
     })
 }
 
-/// Reads the per-database facts on the source, and what the target offers for it.
+/// Reads the per-database facts on the source, and the tables the target database (when it
+/// exists) already holds.
 pub async fn database_facts(
     name: &str,
     source: &Client,
@@ -504,32 +680,31 @@ pub async fn database_facts(
          WHERE c.relkind = 'm' AND {user_tables} ORDER BY 1"
     ))
     .await?;
-    let source_extensions: Vec<String> = source
-        .query(
-            "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
-            &[],
-        )
-        .await
-        .on(side, "listing extensions")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut extensions_missing_on_target = Vec::new();
     let mut foreign_tables_on_target = Vec::new();
     if let Some(target) = target {
-        let available: Vec<String> = target
-            .query("SELECT name::text FROM pg_available_extensions", &[])
-            .await
-            .on(Side::Target, "listing available extensions")?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        extensions_missing_on_target = source_extensions
-            .into_iter()
-            .filter(|e| !available.contains(e))
-            .collect();
         foreign_tables_on_target = foreign_tables(target).await?;
     }
+    let fdw_tables = source
+        .query(
+            &format!(
+                "SELECT format('%I.%I', n.nspname, c.relname), s.srvname::text, w.fdwname::text
+                 FROM pg_foreign_table f JOIN pg_class c ON c.oid = f.ftrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_foreign_server s ON s.oid = f.ftserver
+                 JOIN pg_foreign_data_wrapper w ON w.oid = s.srvfdw
+                 WHERE {user_tables} ORDER BY 1"
+            ),
+            &[meta],
+        )
+        .await
+        .on(side, "listing foreign tables")?
+        .iter()
+        .map(|r| FdwTable {
+            table: r.get(0),
+            server: r.get(1),
+            wrapper: r.get(2),
+        })
+        .collect();
     Ok(DatabaseFacts {
         name: name.to_string(),
         exists_on_source: true,
@@ -540,9 +715,10 @@ pub async fn database_facts(
         tables_without_identity,
         unlogged_tables,
         materialized_views,
-        extensions_missing_on_target,
         foreign_tables_on_target,
+        fdw_tables,
         // Server-wide on the target: the caller fills them in.
+        extensions_missing_on_target: Vec::new(),
         tablespaces_missing_on_target: Vec::new(),
     })
 }
@@ -550,28 +726,63 @@ pub async fn database_facts(
 /// The tablespaces a database uses besides the defaults: its own default, and those of its
 /// tables, indexes and materialized views.
 pub async fn tablespaces_used(source: &Client) -> Result<Vec<String>> {
-    Ok(source
-        .query(
-            "SELECT DISTINCT t.spcname::text FROM pg_tablespace t
-             WHERE t.spcname NOT IN ('pg_default', 'pg_global')
-               AND (t.oid IN (SELECT reltablespace FROM pg_class WHERE relkind IN ('r', 'p', 'i', 'I', 'm'))
-                    OR t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database()))
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .on(Side::Source, "listing tablespaces in use")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    names_from(
+        source,
+        Side::Source,
+        "listing tablespaces in use",
+        "SELECT DISTINCT t.spcname::text FROM pg_tablespace t
+         WHERE t.spcname NOT IN ('pg_default', 'pg_global')
+           AND (t.oid IN (SELECT reltablespace FROM pg_class WHERE relkind IN ('r', 'p', 'i', 'I', 'm'))
+                OR t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database()))
+         ORDER BY 1",
+    )
+    .await
+}
+
+/// The extensions installed in a source database that pgshift's schema copy creates.
+pub async fn installed_extensions(source: &Client) -> Result<Vec<String>> {
+    names_from(
+        source,
+        Side::Source,
+        "listing extensions",
+        "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+    )
+    .await
+}
+
+/// The extensions a server can install (server-wide: any database, the maintenance one too).
+pub async fn available_extensions(server: &Client) -> Result<Vec<String>> {
+    names_from(
+        server,
+        Side::Target,
+        "listing available extensions",
+        "SELECT name::text FROM pg_available_extensions",
+    )
+    .await
 }
 
 /// The tablespaces a server has.
 pub async fn tablespaces(server: &Client) -> Result<Vec<String>> {
-    Ok(server
-        .query("SELECT spcname::text FROM pg_tablespace", &[])
+    names_from(
+        server,
+        Side::Target,
+        "listing tablespaces",
+        "SELECT spcname::text FROM pg_tablespace",
+    )
+    .await
+}
+
+/// The first column of a query's rows.
+async fn names_from(
+    client: &Client,
+    side: Side,
+    context: &str,
+    query: &str,
+) -> Result<Vec<String>> {
+    Ok(client
+        .query(query, &[])
         .await
-        .on(Side::Target, "listing tablespaces")?
+        .on(side, context)?
         .iter()
         .map(|r| r.get(0))
         .collect())
@@ -657,7 +868,10 @@ mod tests {
             max_wal_senders: 10,
             senders_in_use: 0,
             max_logical_replication_workers: 4,
-            system_identifier: "1".into(),
+            max_worker_processes: 8,
+            max_sync_workers_per_subscription: 2,
+            logical_workers_taken: 0,
+            system_identifier: format!("{version_num}"),
         }
     }
 
@@ -676,6 +890,7 @@ mod tests {
                 ..Default::default()
             }],
             resuming: false,
+            target_identity: TargetIdentity::Distinct,
         }
     }
 
@@ -776,5 +991,79 @@ mod tests {
         let report = evaluate(&f);
         assert!(report.ready());
         assert_eq!(report.warnings.len(), 2);
+    }
+
+    #[test]
+    fn a_target_that_is_the_source_is_the_only_blocker() {
+        let mut f = facts();
+        f.databases[0].foreign_tables_on_target = vec!["public.items".into()];
+        f.target_identity = TargetIdentity::SourceItself;
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["target_is_source"]);
+        assert!(report.blockers[0]
+            .fix
+            .contains("point --target at the new server"));
+    }
+
+    #[test]
+    fn a_physical_copy_of_the_source_blocks_naming_the_identifier() {
+        let mut f = facts();
+        f.target.system_identifier = f.source.system_identifier.clone();
+        f.target_identity = TargetIdentity::CopyOfSource;
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["target_copy_of_source"]);
+        assert!(report.blockers[0].problem.contains("150004"));
+    }
+
+    #[test]
+    fn too_few_replication_workers_block_with_the_numbers() {
+        let mut f = facts();
+        f.databases.push(DatabaseFacts {
+            name: "billing".into(),
+            exists_on_source: true,
+            ..Default::default()
+        });
+        f.target.max_logical_replication_workers = 4;
+        f.target.logical_workers_taken = 2;
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["logical_workers"]);
+        assert_eq!(
+            report.blockers[0].to_string(),
+            "target server has max_logical_replication_workers = 4 with 2 taken by other subscriptions; \
+             pgshift needs 3 (an apply worker for each of 2 database(s) and at least one table-sync worker): \
+             raise max_logical_replication_workers on the target to at least 5 and restart it"
+        );
+        f.target.max_logical_replication_workers = 5;
+        let report = evaluate(&f);
+        assert!(report.ready(), "{:?}", report.blockers);
+        assert_eq!(report.warnings[0].code, "logical_workers");
+    }
+
+    #[test]
+    fn too_few_worker_processes_or_no_sync_workers_block() {
+        let mut f = facts();
+        f.target.max_worker_processes = 2;
+        f.target.max_sync_workers_per_subscription = 0;
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["worker_processes", "sync_workers"]);
+        assert!(report.blockers[0]
+            .fix
+            .contains("raise max_worker_processes on the target to at least 3"));
+    }
+
+    #[test]
+    fn each_foreign_table_warns_that_its_rows_stay_behind() {
+        let mut f = facts();
+        f.databases[0].fdw_tables = vec![FdwTable {
+            table: "public.regions".into(),
+            server: "files".into(),
+            wrapper: "file_fdw".into(),
+        }];
+        let report = evaluate(&f);
+        assert!(report.ready());
+        assert_eq!(report.warnings[0].code, "foreign_table");
+        assert!(report.warnings[0]
+            .problem
+            .contains("foreign server files (file_fdw)"));
     }
 }

@@ -4,6 +4,10 @@
 //! until the last process holding it (pgshift, or the fence guard it started) closes it.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+mod refusal;
+#[allow(unused_imports)] // the refusal tests use these, the others do not
+pub use refusal::*;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
