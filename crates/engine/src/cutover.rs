@@ -671,6 +671,13 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
     for name in up.databases.clone() {
         up.db(&name).await?;
     }
+    if switched && fenced.is_empty() {
+        // The fence record is forgotten only once every client was released: the switch
+        // finished and the poolers are live. They must be left alone: a RECONNECT on a live
+        // PgBouncer ends its server logins in progress, which it counts as failed logins and
+        // answers clients with `server_login_retry` errors for a while.
+        return mark_created_databases_switched(up).await;
+    }
     if switched {
         up.emit(Event::Warning {
             message: "an interrupted cutover had already switched; completing the switch".into(),
@@ -710,8 +717,9 @@ async fn complete_switch(up: &Upgrade) -> Result<()> {
     open_target(up).await?;
     mark_created_databases_switched(up).await?;
     if let Traffic::Routed(routed) = &up.plan.traffic {
-        // RECONNECT and RESUME are harmless on a pooler that is not paused (PgBouncer before
-        // 1.21 cannot say whether it is paused).
+        // Every pooler, paused or not (PgBouncer before 1.21 cannot say whether it is): one
+        // that the interrupted attempt had already released may fail a client logging in at
+        // that moment, a cost paid only for a crash inside the switch itself.
         let fence = RoutedFence::connect(routed).await?;
         route_and_release(routed, &fence.poolers).await?;
     }
