@@ -1046,6 +1046,7 @@ async fn a_finished_upgrade_stays_finished_when_its_status_is_lost_and_it_is_del
     .await
     .unwrap();
     let copies = schema_copies(&fx).await;
+    let released = target_service_version(&fx).await;
     fx.kill_operator(0);
     lose_phase(&fx).await;
     fx.start_operator("operator-a");
@@ -1053,9 +1054,11 @@ async fn a_finished_upgrade_stays_finished_when_its_status_is_lost_and_it_is_del
         .await;
     row_stays(&fx).await;
     assert_eq!(schema_copies(&fx).await, copies, "no schema copy again");
-    assert!(
-        target_owners(&fx).await.is_empty(),
-        "the target is released again"
+    assert!(target_owners(&fx).await.is_empty());
+    assert_eq!(
+        target_service_version(&fx).await,
+        released,
+        "the released target is left as it is (owning it again would let a delete collect it)"
     );
 
     fx.kill_operator(1);
@@ -1076,7 +1079,20 @@ async fn a_finished_upgrade_stays_finished_when_its_status_is_lost_and_it_is_del
         .await
         .unwrap()
         .is_some());
+    assert_eq!(target_service_version(&fx).await, released);
     row_stays(&fx).await;
+}
+
+/// The target Service's resourceVersion: it changes only when someone writes the Service.
+async fn target_service_version(fx: &Fixture) -> Option<String> {
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    services
+        .get("orders-target")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
 }
 
 /// The status phase lost, as a crash between the work and the status write leaves it.
