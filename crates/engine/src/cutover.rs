@@ -717,9 +717,9 @@ async fn complete_switch(up: &Upgrade) -> Result<()> {
     open_target(up).await?;
     mark_created_databases_switched(up).await?;
     if let Traffic::Routed(routed) = &up.plan.traffic {
-        // Every pooler, paused or not (PgBouncer before 1.21 cannot say whether it is): one
-        // that the interrupted attempt had already released may fail a client logging in at
-        // that moment, a cost paid only for a crash inside the switch itself.
+        // Every pooler, paused or not (PgBouncer before 1.21 cannot say whether it is): on one
+        // that the interrupted attempt had already released, RECONNECT may fail clients for
+        // `server_login_retry` (see `recover`), a cost paid only for a crash inside the switch.
         let fence = RoutedFence::connect(routed).await?;
         route_and_release(routed, &fence.poolers).await?;
     }
