@@ -33,6 +33,13 @@ fn spec(mode: &str) -> serde_json::Value {
     })
 }
 
+/// The spec with a manual cutover (it waits at ReadyForCutover for `approved: true`).
+fn manual_spec(mode: &str) -> serde_json::Value {
+    let mut manual = spec(mode);
+    manual["cutover"]["mode"] = json!("Manual");
+    manual
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction() {
     let mut fx = Fixture::start(15, &[]).await;
@@ -61,10 +68,30 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
         .unwrap();
     eprintln!("verification: {verification:?}");
     assert!(report.committed > 100, "the load ran: {report:?}");
-    assert_eq!(report.failed, 0, "failed transactions: {:?}", report.errors);
-    assert_eq!(report.in_doubt, 0, "in-doubt transactions");
+    let pgbouncer = || fx.pgbouncer_log_tails("orders", 80);
+    assert_eq!(
+        (report.failed, report.in_doubt),
+        (0, 0),
+        "failed and in-doubt transactions: {:?}\n{}",
+        report.errors,
+        pgbouncer()
+    );
     assert_eq!(verification.lost, 0, "acknowledged commits lost");
     assert!(verification.is_ok(), "{verification:?}");
+    // Each PgBouncer is told to RECONNECT once, at the switch, while it is paused and holds no
+    // server connection: a RECONNECT on a live PgBouncer ends its server logins in progress,
+    // which it counts as failed logins and answers clients with `server_login_retry` errors.
+    for (pod, log) in fx.pod_logs("orders-pgbouncer-") {
+        assert_eq!(
+            log.matches("RECONNECT command issued").count(),
+            1,
+            "console commands of {pod}:\n{}",
+            log.lines()
+                .filter(|l| l.contains("command issued") || l.contains("connect string changed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 
     for phase in [Phase::Provisioning, Phase::CuttingOver, Phase::Completed] {
         assert!(phases.contains(&phase), "{phase:?} in {phases:?}");
@@ -281,8 +308,7 @@ async fn service_mode_waits_for_approval_then_moves_clients_with_counted_errors(
     let mut fx = Fixture::start(15, &[]).await;
     fx.start_operator("operator-a");
     let ledger = fx.ledger(4).await;
-    let mut manual = spec("Service");
-    manual["cutover"]["mode"] = json!("Manual");
+    let mut manual = manual_spec("Service");
     fx.apply_upgrade("orders", manual.clone()).await;
     fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
         .await;
@@ -412,19 +438,7 @@ async fn delete_and_check_everything_restored(
         .delete("orders", &kube::api::DeleteParams::default())
         .await
         .unwrap();
-    k8s::eventually(
-        "the upgrade to be gone",
-        Duration::from_secs(120),
-        || async {
-            fx.upgrades()
-                .get_opt("orders")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    fx.wait_until_gone("orders", Duration::from_secs(120)).await;
     assert_eq!(
         fx.source_state().await,
         source_before,
@@ -510,8 +524,7 @@ async fn deleting_the_upgrade_in_every_phase_before_the_switch_leaves_nothing_be
         Phase::CatchingUp,
         Phase::ReadyForCutover,
     ] {
-        let mut manual = spec("PgBouncer");
-        manual["cutover"]["mode"] = json!("Manual");
+        let manual = manual_spec("PgBouncer");
         fx.apply_upgrade("orders", manual).await;
         let reached = k8s::eventually(
             "the phase to delete in",
@@ -601,15 +614,8 @@ async fn a_killed_operator_resumes_in_every_phase() {
         ledger.snapshot().committed > before_stop,
         "clients commit after completion: nobody is paused"
     );
-    let report = ledger.stop().await;
-    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
-    let app = fx.app().await;
-    let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
-        .await
-        .unwrap();
+    let report = stop_and_verify(&fx, ledger).await;
     assert_eq!(report.failed, 0, "{:?}", report.errors);
-    assert_eq!(verification.lost, 0, "{verification:?}");
-    assert!(verification.is_ok(), "{verification:?}");
 }
 
 /// Two operator replicas: only the lease holder acts (every event comes from it); killing it
@@ -617,9 +623,7 @@ async fn a_killed_operator_resumes_in_every_phase() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_act_one_at_a_time_and_hand_over() {
     let mut fx = Fixture::start(15, &[]).await;
-    fx.start_operator("operator-a");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    fx.start_operator("operator-b");
+    fx.start_leader_and_standby();
     fx.apply_upgrade("orders", spec("PgBouncer")).await;
     fx.wait_for_phase("orders", Phase::Replicating, Duration::from_secs(240))
         .await;
@@ -662,6 +666,36 @@ async fn two_replicas_act_one_at_a_time_and_hand_over() {
         "{}",
         k8s::tail(&fx.operator_log(1), 10)
     );
+}
+
+/// The upgrade's events with this reason.
+async fn events_of(fx: &Fixture, reason: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
+    events
+        .list(&ListParams::default().fields("involvedObject.kind=PostgresUpgrade"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+/// How many schema copies the operator started (repeats of one event count in it).
+async fn schema_copies(fx: &Fixture) -> i32 {
+    events_of(fx, "SchemaCopyStarted")
+        .await
+        .iter()
+        .map(|e| e.count.unwrap_or(1))
+        .sum()
+}
+
+async fn event_messages(fx: &Fixture, reason: &str) -> Vec<String> {
+    events_of(fx, reason)
+        .await
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect()
 }
 
 /// The replicas that published events about the upgrade, sorted.
@@ -709,16 +743,7 @@ async fn a_failing_schema_copy_reports_its_cause() {
         "{}",
         ready.message
     );
-    let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
-    let failures: Vec<String> = events
-        .list(&ListParams::default().fields("involvedObject.kind=PostgresUpgrade"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some("SchemaCopyFailed"))
-        .filter_map(|e| e.message)
-        .collect();
+    let failures = event_messages(&fx, "SchemaCopyFailed").await;
     assert!(failures.iter().any(|m| m.contains("ICU")), "{failures:?}");
 }
 
@@ -728,8 +753,7 @@ async fn a_failing_schema_copy_reports_its_cause() {
 async fn apply_failures_reach_status_with_their_cause() {
     let mut fx = Fixture::start(15, &[]).await;
     fx.start_operator("operator-a");
-    let mut manual = spec("PgBouncer");
-    manual["cutover"]["mode"] = json!("Manual");
+    let manual = manual_spec("PgBouncer");
     fx.apply_upgrade("orders", manual).await;
     fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
         .await;
@@ -753,4 +777,379 @@ async fn apply_failures_reach_status_with_their_cause() {
     );
     assert!(ready.message.contains("note"), "{}", ready.message);
     assert!(status.cutover.is_none(), "no cutover was attempted");
+}
+
+/// `--pg-bin-dir` of the lab's PostgreSQL `major` (the schema tools preflight looks for).
+fn pg_bin_dir(major: u32) -> String {
+    let dir = pgshift_lab::Binaries::locate()
+        .and_then(|b| b.bin_dir(major))
+        .expect("the lab's PostgreSQL binaries");
+    format!("--pg-bin-dir={}", dir.display())
+}
+
+/// How many times each PgBouncer of upgrade `orders` was told to PAUSE.
+fn pauses(fx: &Fixture) -> Vec<usize> {
+    fx.pod_logs("orders-pgbouncer-")
+        .iter()
+        .map(|(_, log)| log.matches("PAUSE command issued").count())
+        .collect()
+}
+
+/// Approves a manual cutover while `holder` (a session through PgBouncer) keeps a transaction
+/// open, so that PAUSE waits: returns once the fence is recorded and every PgBouncer was told
+/// to PAUSE. The switch cannot happen until `holder` commits.
+async fn approve_and_wait_for_the_fence(
+    fx: &Fixture,
+    mut manual: serde_json::Value,
+    holder: &tokio_postgres::Client,
+) {
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let target = fx.target_direct("orders", APP_DB).await;
+    let paused_before = pauses(fx);
+    manual["cutover"]["approved"] = json!(true);
+    fx.apply_upgrade("orders", manual).await;
+    k8s::eventually("the fence", Duration::from_secs(60), || async {
+        k8s::fenced(&target).await.then_some(())
+    })
+    .await;
+    k8s::eventually(
+        "every PgBouncer to be told to PAUSE",
+        Duration::from_secs(10),
+        || async {
+            let now = pauses(fx);
+            (now.len() == paused_before.len() && now.iter().zip(&paused_before).all(|(n, b)| n > b))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until the ledger's commits stop growing (its clients are held); panics if they go on.
+async fn until_clients_are_held(ledger: &pgshift_lab::ledger::LedgerHandle) {
+    k8s::eventually("clients to be held", Duration::from_secs(10), || async {
+        let before = ledger.snapshot().committed;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (ledger.snapshot().committed == before).then_some(())
+    })
+    .await;
+}
+
+/// Stops the ledger and checks through the clients' Service that no acknowledged commit is
+/// lost; returns the clients' report.
+async fn stop_and_verify(
+    fx: &Fixture,
+    ledger: pgshift_lab::ledger::LedgerHandle,
+) -> pgshift_lab::ledger::LedgerReport {
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+    let app = fx.app().await;
+    let verification = pgshift_lab::ledger::Ledger::verify(&app, &report)
+        .await
+        .unwrap();
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert!(verification.is_ok(), "{verification:?}");
+    report
+}
+
+async fn assert_nothing_failed_or_lost(fx: &Fixture, ledger: pgshift_lab::ledger::LedgerHandle) {
+    let report = stop_and_verify(fx, ledger).await;
+    assert_eq!(
+        (report.failed, report.in_doubt),
+        (0, 0),
+        "failed and in-doubt transactions: {:?}\n{}",
+        report.errors,
+        fx.pgbouncer_log_tails("orders", 40)
+    );
+}
+
+/// Two replicas; the leader SIGKILLed while PgBouncer is paused (a transaction through PgBouncer
+/// keeps PAUSE waiting, so the switch cannot have happened): the standby takes the lease and
+/// releases the clients within the lease duration + maxPause, nothing fails or is lost, and
+/// the upgrade completes once that transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_killed_while_pgbouncer_is_paused_releases_clients_within_lease_and_max_pause() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_leader_and_standby();
+    let mut manual = manual_spec("PgBouncer");
+    let max_pause = Duration::from_secs(4);
+    manual["cutover"]["maxPause"] = json!(format!("{}s", max_pause.as_secs()));
+    fx.apply_upgrade("orders", manual.clone()).await;
+    fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
+        .await;
+    let ledger = fx.ledger(4).await;
+    let holder = fx.app().await;
+    approve_and_wait_for_the_fence(&fx, manual, &holder).await;
+    fx.kill_operator(0);
+    let killed = std::time::Instant::now();
+    until_clients_are_held(&ledger).await;
+    let held = ledger.snapshot().committed;
+    let bound = k8s::LEASE_DURATION + max_pause + Duration::from_secs(5);
+    k8s::eventually("clients to commit again", bound, || async {
+        (ledger.snapshot().committed > held).then_some(())
+    })
+    .await;
+    let released = killed.elapsed();
+    eprintln!("clients commit again {released:?} after the leader was killed (bound {bound:?})");
+    assert!(
+        fx.operator_log(1)
+            .contains("an interrupted cutover left writes fenced; releasing clients on the source"),
+        "the standby released the fence the killed leader left:\n{}",
+        k8s::tail(&fx.operator_log(1), 40)
+    );
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        k8s::major(&fx.app().await).await,
+        18,
+        "the clients' Service reaches 18"
+    );
+    assert_nothing_failed_or_lost(&fx, ledger).await;
+}
+
+/// The operator and a person's `pgshift` on the same upgrade at once: whichever comes second is
+/// refused with Busy naming the first and changes nothing; the operator shows Busy in status
+/// and an event, and carries on once the other is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_and_a_pgshift_command_never_work_on_one_upgrade_at_once() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let mut manual = manual_spec("PgBouncer");
+    manual["cutover"]["maxPause"] = json!("30s");
+    fx.apply_upgrade("orders", manual.clone()).await;
+    fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(240))
+        .await;
+    let ledger = fx.ledger(4).await;
+
+    // pgshift first: `run` holds the upgrade while apply is held back (a lock on the target
+    // keeps the ledger's writes from applying), so it waits for the target to catch up.
+    let target = fx.target_direct("orders", APP_DB).await;
+    target
+        .batch_execute("BEGIN; LOCK TABLE ledger_accounts IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // The operator holds the lock during each reconcile: `run` may be refused a few times first.
+    let run_log = fx.cluster.work_dir().join("pgshift-run.log");
+    let source_app = fx.source_direct(APP_DB).await;
+    let (mut run, label) = loop {
+        let mut run = fx
+            .pgshift("orders", "run", &["--cutover=manual", &pg_bin_dir(18)])
+            .await
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&run_log).unwrap())
+            .spawn()
+            .unwrap();
+        let label = format!("pgshift run pid {} on ", run.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let holds = loop {
+            if run.try_wait().unwrap().is_some() {
+                break false;
+            }
+            if lock_holders(&source_app)
+                .await
+                .iter()
+                .any(|h| h.starts_with(&label))
+            {
+                break true;
+            }
+            assert!(std::time::Instant::now() < deadline, "pgshift run hangs");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if holds {
+            break (run, label);
+        }
+        let said = std::fs::read_to_string(&run_log).unwrap();
+        // The holder is named, unless it let go between the refusal and the lookup.
+        assert!(
+            said.contains("another pgshift is working on this upgrade")
+                && (said.contains("pgshift operator for default/orders")
+                    || said.contains("let go of the lock just now")),
+            "refused only for Busy, naming the operator: {said}"
+        );
+    };
+    let busy = k8s::eventually(
+        "the operator to report Busy",
+        Duration::from_secs(60),
+        || async {
+            let status = fx.upgrades().get("orders").await.ok()?.status?;
+            let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (ready.reason == "Busy").then(|| (status.phase, ready.message.clone()))
+        },
+    )
+    .await;
+    eprintln!("operator: {busy:?}");
+    assert_eq!(busy.0, Some(Phase::ReadyForCutover), "the phase stays");
+    assert!(busy.1.contains(&label), "names {label}: {}", busy.1);
+    let busy_events = event_messages(&fx, "Busy").await;
+    assert!(
+        busy_events.iter().any(|m| m.contains(&label)),
+        "a Busy event names {label}: {busy_events:?}"
+    );
+    target.batch_execute("COMMIT").await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || run.wait().unwrap())
+        .await
+        .unwrap();
+    let said = std::fs::read_to_string(&run_log).unwrap();
+    assert!(exit.success(), "pgshift run: {said}");
+    fx.wait_for_phase("orders", Phase::ReadyForCutover, Duration::from_secs(60))
+        .await;
+
+    // The operator first: inside its cutover (PAUSE waits for a transaction), `abort` is
+    // refused and leaves the upgrade as it was.
+    let holder = fx.app().await;
+    approve_and_wait_for_the_fence(&fx, manual, &holder).await;
+    let source = fx.source_direct("postgres").await;
+    let slots = || async {
+        let count: i64 = source
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0);
+        count
+    };
+    let slots_before = slots().await;
+    let abort = fx.pgshift("orders", "abort", &[]).await.output().unwrap();
+    let said = String::from_utf8_lossy(&abort.stderr).to_string();
+    eprintln!("pgshift abort: {said}");
+    assert!(!abort.status.success(), "abort is refused: {said}");
+    assert!(
+        said.contains("another pgshift is working on this upgrade")
+            && said.contains("pgshift operator for default/orders"),
+        "Busy names the operator: {said}"
+    );
+    assert_eq!(slots().await, slots_before, "abort changed nothing");
+    assert!(k8s::fenced(&fx.target_direct("orders", APP_DB).await).await);
+    holder.batch_execute("COMMIT").await.unwrap();
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(120))
+        .await;
+    assert_eq!(k8s::major(&fx.app().await).await, 18);
+    assert_nothing_failed_or_lost(&fx, ledger).await;
+}
+
+/// After completion the new server is the clients' for good. A lost status phase (as a crash
+/// between cleanup and the status write leaves it) is recognised as finished from the switch
+/// record: nothing is copied again and a row written on the new server since stays. Deleting
+/// the resource with its status lost changes neither the new server nor the clients' Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_upgrade_stays_finished_when_its_status_is_lost_and_it_is_deleted() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(240))
+        .await;
+    let app = fx.app().await;
+    app.batch_execute(
+        "CREATE TABLE written_after_completion (id int PRIMARY KEY);
+         INSERT INTO written_after_completion VALUES (1);",
+    )
+    .await
+    .unwrap();
+    let copies = schema_copies(&fx).await;
+    let released = target_service_version(&fx).await;
+    fx.kill_operator(0);
+    lose_phase(&fx).await;
+    fx.start_operator("operator-a");
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(120))
+        .await;
+    row_stays(&fx).await;
+    assert_eq!(schema_copies(&fx).await, copies, "no schema copy again");
+    assert!(target_owners(&fx).await.is_empty());
+    assert_eq!(
+        target_service_version(&fx).await,
+        released,
+        "the released target is left as it is (owning it again would let a delete collect it)"
+    );
+
+    fx.kill_operator(1);
+    lose_phase(&fx).await;
+    fx.upgrades()
+        .delete("orders", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    fx.start_operator("operator-a");
+    fx.wait_until_gone("orders", Duration::from_secs(120)).await;
+    // Give the garbage collector time to act on anything still owned by the upgrade.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(target_owners(&fx).await.is_empty());
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    assert!(claims
+        .get_opt("data-orders-target-0")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(target_service_version(&fx).await, released);
+    row_stays(&fx).await;
+}
+
+/// The target Service's resourceVersion: it changes only when someone writes the Service.
+async fn target_service_version(fx: &Fixture) -> Option<String> {
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    services
+        .get("orders-target")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+}
+
+/// The status phase lost, as a crash between the work and the status write leaves it.
+async fn lose_phase(fx: &Fixture) {
+    fx.upgrades()
+        .patch_status(
+            "orders",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"phase": null}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn target_owners(
+    fx: &Fixture,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    sets.get("orders-target")
+        .await
+        .unwrap()
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+}
+
+/// The clients' Service reaches the new server, and the row written there after completion is
+/// still there.
+async fn row_stays(fx: &Fixture) {
+    let app = fx.app().await;
+    assert_eq!(
+        k8s::major(&app).await,
+        18,
+        "the clients' Service reaches 18"
+    );
+    let rows: i64 = app
+        .query_one("SELECT count(*) FROM written_after_completion", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the row written after completion stays");
+}
+
+/// The `application_name` of every session holding an advisory lock in this database (pgshift
+/// names its lock sessions after the holder).
+async fn lock_holders(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.database =
+                   (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }

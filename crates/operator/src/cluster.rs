@@ -48,6 +48,31 @@ where
         .await?)
 }
 
+/// Server-side apply of an object the upgrade owns, unless it exists and was released (no
+/// longer owned by the upgrade, see [`release`]): after completion the new server is the
+/// user's. Owning it again would let deleting the upgrade garbage-collect it.
+pub async fn apply_unless_released<K>(api: &Api<K>, object: &K) -> Result<K>
+where
+    K: Resource + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let name = object.meta().name.clone().expect("built objects are named");
+    let owner = |o: &K| -> Vec<String> {
+        o.meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .map(|r| r.uid.clone())
+            .collect()
+    };
+    if let Some(existing) = api.get_opt(&name).await? {
+        let ours = owner(object);
+        if !owner(&existing).iter().any(|uid| ours.contains(uid)) {
+            return Ok(existing);
+        }
+    }
+    apply(api, object).await
+}
+
 /// Creates the object unless one of that name exists; an existing one is returned as it is
 /// (generated passwords are never rewritten, a flipped route is never flipped back).
 pub async fn create_if_absent<K>(api: &Api<K>, object: &K) -> Result<K>

@@ -31,17 +31,18 @@ pub async fn reach_source(v: &mut Validated, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-/// The target's Secret, Service and StatefulSet. Returns the superuser's password once the
-/// server is ready and its Service has an address.
+/// The target's Secret, Service and StatefulSet (left as they are once released, after
+/// completion). Returns the superuser's password once the server is ready and its Service has
+/// an address.
 pub async fn provision_target(v: &mut Validated, ctx: &Context) -> Result<Option<String>> {
     let ns = &v.namespace;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let secret = create_if_absent(&secrets, &build::target_secret(v, &random_password())).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    let service = cluster::apply(&services, &build::target_service(v)).await?;
+    let service = cluster::apply_unless_released(&services, &build::target_service(v)).await?;
     v.target_host = service.spec.and_then(|s| s.cluster_ip);
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
-    let set = cluster::apply(&sets, &build::target_statefulset(v)).await?;
+    let set = cluster::apply_unless_released(&sets, &build::target_statefulset(v)).await?;
     let ready = set.status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1;
     Ok(match (ready, &v.target_host) {
         (true, Some(_)) => secret_value(&secret, "password"),

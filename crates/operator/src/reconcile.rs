@@ -489,10 +489,10 @@ async fn abort(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
         ))
     })?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    restore_clients(&services, &upgrade.spec.traffic.service).await?;
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &v.namespace);
     if sets.get_opt(&v.names.target()).await?.is_none() {
         // No target server: the engine never ran, so the source holds nothing of pgshift's.
+        restore_clients(&services, &upgrade.spec.traffic.service).await?;
         return Ok(Action::await_change());
     }
     reach_source(&mut v, ctx).await?;
@@ -504,8 +504,11 @@ async fn abort(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
     };
     let poolers = pooler_consoles(&v, ctx).await?;
     let mut up = connect(&v, ctx, target_endpoint(&v, &password), poolers).await?;
+    // The clients' Service goes back to the source only once the engine has found the upgrade
+    // unswitched: after the switch (even with the status lost) it stays on the new server.
     match up.abort().await {
         Ok(removed) => {
+            restore_clients(&services, &upgrade.spec.traffic.service).await?;
             report.event(
                 EventType::Normal,
                 "Aborted",

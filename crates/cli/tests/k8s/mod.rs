@@ -11,6 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use pgshift_operator::crd::{Phase, PostgresUpgrade};
+use pgshift_operator::names::TARGET_SUPERUSER;
 pub use pgshift_testkit::eventually;
 use pgshift_testkit::KubeCluster;
 use serde_json::json;
@@ -24,6 +25,8 @@ pub const NS: &str = "default";
 pub const OPERATOR_NS: &str = "pgshift-system";
 pub const APP_USER: &str = "app";
 pub const APP_DB: &str = "app";
+/// The leader Lease's duration every operator of these tests runs with.
+pub const LEASE_DURATION: Duration = Duration::from_secs(3);
 
 pub struct Fixture {
     pub cluster: KubeCluster,
@@ -264,26 +267,70 @@ impl Fixture {
 
     /// A superuser session on the source pod itself (not through any Service).
     pub async fn source_direct(&self, db: &str) -> tokio_postgres::Client {
+        let ip = self.pod_ip("db-0").await;
+        direct(&ip, "postgres", &self.superuser_password, db).await
+    }
+
+    async fn pod_ip(&self, name: &str) -> String {
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), NS);
-        let ip = pods
-            .get("db-0")
+        pods.get(name)
             .await
             .unwrap()
             .status
             .unwrap()
             .pod_ip
-            .unwrap();
-        let (client, connection) = tokio_postgres::Config::new()
-            .host(&ip)
-            .port(5432)
-            .user("postgres")
-            .password(self.superuser_password.clone())
-            .dbname(db)
-            .connect(NoTls)
+            .unwrap()
+    }
+
+    /// The password of the target's superuser, from the Secret the operator made for `upgrade`.
+    async fn target_password(&self, upgrade: &str) -> String {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let secret = secrets
+            .get(&format!("{upgrade}-target-superuser"))
             .await
             .unwrap();
-        tokio::spawn(connection);
-        client
+        String::from_utf8(secret.data.unwrap()["password"].0.clone()).unwrap()
+    }
+
+    /// A superuser session on the target pod of `upgrade` itself.
+    pub async fn target_direct(&self, upgrade: &str, db: &str) -> tokio_postgres::Client {
+        let ip = self.pod_ip(&format!("{upgrade}-target-0")).await;
+        let password = self.target_password(upgrade).await;
+        direct(&ip, TARGET_SUPERUSER, &password, db).await
+    }
+
+    /// `pgshift <command>` run by a person on the same upgrade as the operator: the source and
+    /// target pods of `upgrade` directly, database `app`, passwords in a pgpass file.
+    pub async fn pgshift(&self, upgrade: &str, command: &str, extra: &[&str]) -> Command {
+        let source = self.pod_ip("db-0").await;
+        let target = self.pod_ip(&format!("{upgrade}-target-0")).await;
+        let pgpass = self.cluster.work_dir().join("pgpass");
+        // Both passwords are alphanumeric: nothing to escape.
+        std::fs::write(
+            &pgpass,
+            format!(
+                "{source}:5432:*:postgres:{}\n{target}:5432:*:{TARGET_SUPERUSER}:{}\n",
+                self.superuser_password,
+                self.target_password(upgrade).await
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut pgshift = Command::new(env!("CARGO_BIN_EXE_pgshift"));
+        pgshift
+            .arg(command)
+            .arg(format!(
+                "--source=postgres://postgres@{source}:5432/{APP_DB}"
+            ))
+            .arg(format!(
+                "--target=postgres://{TARGET_SUPERUSER}@{target}:5432/{APP_DB}"
+            ))
+            .args(extra)
+            .env("PGPASSFILE", pgpass)
+            .env_remove("PGPASSWORD")
+            .stdin(Stdio::null());
+        pgshift
     }
 
     /// What an upgrade may touch on the source, as text: slots, publications, schemas and
@@ -329,7 +376,7 @@ impl Fixture {
             .env("KUBECONFIG", self.operator_kubeconfig())
             .env("POD_NAMESPACE", OPERATOR_NS)
             .env("POD_NAME", identity)
-            .arg("--lease-duration=3s")
+            .arg(format!("--lease-duration={}s", LEASE_DURATION.as_secs()))
             .env("RUST_LOG", "pgshift_operator=debug,pgshift_engine=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -337,6 +384,13 @@ impl Fixture {
             .spawn()
             .expect("pgshift operator starts");
         self.operators.push(child);
+    }
+
+    /// Two replicas, `operator-a` (started first, so it takes the lease) and `operator-b`.
+    pub fn start_leader_and_standby(&mut self) {
+        self.start_operator("operator-a");
+        std::thread::sleep(Duration::from_secs(2));
+        self.start_operator("operator-b");
     }
 
     /// `GET /metrics` of the operator started `index`-th.
@@ -382,6 +436,42 @@ impl Fixture {
         all
     }
 
+    /// The logs of every pod whose name starts with `prefix` (in [`NS`]), each with the pod's
+    /// log directory: the test kit's kubelet keeps `logs/pods/<namespace>_<pod>_<n>/`.
+    pub fn pod_logs(&self, prefix: &str) -> Vec<(String, String)> {
+        let dir = self.cluster.work_dir().join("logs").join("pods");
+        let mut logs: Vec<(String, String)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{NS}_{prefix}"))
+            })
+            .map(|pod| {
+                let text = std::fs::read_dir(pod.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|log| std::fs::read_to_string(log.path()).ok())
+                    .collect();
+                (pod.file_name().to_string_lossy().into_owned(), text)
+            })
+            .collect();
+        logs.sort();
+        logs
+    }
+
+    /// The last lines of every PgBouncer pod's log of upgrade `name`, for a failure message.
+    pub fn pgbouncer_log_tails(&self, name: &str, lines: usize) -> String {
+        self.pod_logs(&format!("{name}-pgbouncer-"))
+            .iter()
+            .map(|(pod, text)| format!("--- {pod}:\n{}", tail(text, lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn upgrades(&self) -> Api<PostgresUpgrade> {
         Api::namespaced(self.client.clone(), NS)
     }
@@ -400,6 +490,19 @@ impl Fixture {
             )
             .await
             .unwrap();
+    }
+
+    /// Waits until the upgrade `name` is deleted (its finalizer done).
+    pub async fn wait_until_gone(&self, name: &str, timeout: Duration) {
+        eventually("the upgrade to be gone", timeout, || async {
+            self.upgrades()
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        })
+        .await;
     }
 
     /// Waits for `phase`, returning every phase seen on the way; panics with the status and
@@ -445,6 +548,34 @@ impl Fixture {
         .unwrap();
         self.client.request(request).await.unwrap()
     }
+}
+
+async fn direct(host: &str, user: &str, password: &str, db: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(host)
+        .port(5432)
+        .user(user)
+        .password(password)
+        .dbname(db)
+        .connect(NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Whether the engine has recorded its fence in this target database (it does so just before
+/// pausing anyone, and forgets it once clients are released).
+pub async fn fenced(target: &tokio_postgres::Client) -> bool {
+    use pgshift_engine::names::{step, META_SCHEMA, STATE_TABLE};
+    target
+        .query_one(
+            &format!("SELECT EXISTS (SELECT 1 FROM {META_SCHEMA}.{STATE_TABLE} WHERE step = $1)"),
+            &[&step::FENCED],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// `kubectl get`'s layout of a Table.
