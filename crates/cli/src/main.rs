@@ -195,14 +195,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let mut upgrade = Upgrade::connect(plan, progress.sink()).await?;
             let report = match back {
                 true => upgrade.rollback_now().await,
-                false => upgrade.cutover_now().await,
+                false => upgrade.cutover_now().await.map(Some),
             };
             progress.finish();
-            let report = report?;
-            if args.common.json {
-                print_json(&report)?;
-            } else {
-                output::out(&format!("{}\n", progress::render_switch(&report)))?;
+            match (report?, args.common.json) {
+                (Some(report), true) => print_json(&report)?,
+                (Some(report), false) => {
+                    output::out(&format!("{}\n", progress::render_switch(&report)))?
+                }
+                (None, true) => print_json(&serde_json::json!({"already_done": true}))?,
+                (None, false) => output::out(
+                    "the rollback was done already: clients use the source, the target follows it\n",
+                )?,
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -314,7 +314,7 @@ async fn a_copy_no_table_sync_worker_can_start_is_explained_and_refused_until_fi
         .await
         .expect("the run finishes once table-sync workers may start")
         .unwrap();
-    assert_eq!(outcome.finished, Phase::Done);
+    assert_eq!(outcome.finished, Phase::WindowOpen);
     assert_eq!(
         checksums(&pair.source, "app").await,
         checksums(&pair.target, "app").await
@@ -401,7 +401,7 @@ async fn a_copy_blocked_by_a_lock_on_the_target_is_explained_and_finishes_once_r
     let outcome = outcome
         .expect("the run finishes once the lock is gone")
         .unwrap();
-    assert_eq!(outcome.finished, Phase::Done);
+    assert_eq!(outcome.finished, Phase::WindowOpen);
     assert!(report.contains("LOCK TABLE items"), "{report}");
     assert!(
         status.contains("problem:") && names_the_holder(&status),

@@ -408,10 +408,15 @@ async fn pg_variables_in_pgshifts_environment_do_not_reach_the_tools() {
     );
 }
 
-/// `pgshift check --json` with the server as both source and target, logged in to the target
+/// `pgshift check --json` from `source` (as its superuser) to `server`, logged in to the target
 /// as `target_user`: the blockers' codes and problems.
-fn check_blockers(server: &PgServer, pgpass: &Path, target_user: &str) -> Vec<(String, String)> {
-    let source = server.url("postgres");
+fn check_blockers(
+    source: &PgServer,
+    server: &PgServer,
+    pgpass: &Path,
+    target_user: &str,
+) -> Vec<(String, String)> {
+    let source = source.url("postgres");
     let target = format!(
         "postgres://{target_user}@{}:{}/postgres",
         server.host(),
@@ -433,7 +438,7 @@ fn check_blockers(server: &PgServer, pgpass: &Path, target_user: &str) -> Vec<(S
     });
     report["blockers"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("not a preflight report: {report}"))
         .iter()
         .map(|b| {
             (
@@ -465,6 +470,14 @@ async fn a_target_role_that_may_not_silence_the_log_is_refused_on_every_major() 
         ))
         .await
         .unwrap();
+        // The source: a server of its own (pgshift refuses a target that is the source).
+        let source = PgServer::start(ServerOptions::new(
+            major,
+            dir.path().to_path_buf(),
+            format!("source{major}"),
+        ))
+        .await
+        .unwrap();
         server
             .create_login_role("plain", "plain-password")
             .await
@@ -473,7 +486,11 @@ async fn a_target_role_that_may_not_silence_the_log_is_refused_on_every_major() 
         let mut plain = server.pgpass_entry();
         plain.user = "plain".into();
         plain.password = "plain-password".into();
-        pgshift_lab::write_pgpass_entries(&pgpass, &[server.pgpass_entry(), plain]).unwrap();
+        pgshift_lab::write_pgpass_entries(
+            &pgpass,
+            &[server.pgpass_entry(), plain, source.pgpass_entry()],
+        )
+        .unwrap();
         let logging = |blockers: &[(String, String)]| {
             blockers
                 .iter()
@@ -482,13 +499,13 @@ async fn a_target_role_that_may_not_silence_the_log_is_refused_on_every_major() 
         };
 
         // A superuser turns every setting off, whatever the server's values.
-        let blockers = check_blockers(&server, &pgpass, "postgres");
+        let blockers = check_blockers(&source, &server, &pgpass, "postgres");
         assert_eq!(logging(&blockers), None, "PostgreSQL {major}: {blockers:?}");
         // A plain role may not; the settings that would log are named (and the default
         // log_min_error_statement = error logs every failing statement).
         let privileged = "log_statement, log_min_error_statement, log_min_duration_statement, \
                           log_min_duration_sample, log_transaction_sample_rate";
-        let blockers = check_blockers(&server, &pgpass, "plain");
+        let blockers = check_blockers(&source, &server, &pgpass, "plain");
         let problem = logging(&blockers)
             .unwrap_or_else(|| panic!("PostgreSQL {major}: not refused: {blockers:?}"));
         assert!(
@@ -503,9 +520,10 @@ async fn a_target_role_that_may_not_silence_the_log_is_refused_on_every_major() 
                 &format!("GRANT SET ON PARAMETER {privileged} TO plain"),
             )
             .await;
-            let blockers = check_blockers(&server, &pgpass, "plain");
+            let blockers = check_blockers(&source, &server, &pgpass, "plain");
             assert_eq!(logging(&blockers), None, "PostgreSQL {major}: {blockers:?}");
         }
         server.stop().await.unwrap();
+        source.stop().await.unwrap();
     }
 }

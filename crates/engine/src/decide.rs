@@ -258,6 +258,8 @@ pub enum Next {
     WindowOpen,
     /// Target serves; nothing left but cleanup.
     Done,
+    /// A rollback was asked for and is done: the source serves, the target follows it again.
+    RolledBack,
     /// A rollback was asked for but is impossible now (the message says why).
     CannotRollBack { why: String, phase: Phase },
 }
@@ -268,7 +270,7 @@ impl Next {
             Next::Act { action, .. } => action.phase(),
             Next::Broken { .. } | Next::WaitForCopy => Phase::Replicate,
             Next::CatchUp { .. } => Phase::CatchUp,
-            Next::ReadyForCutover => Phase::ReadyForCutover,
+            Next::ReadyForCutover | Next::RolledBack => Phase::ReadyForCutover,
             Next::Cutover(_) => Phase::Cutover,
             Next::WindowOpen => Phase::WindowOpen,
             Next::Done => Phase::Done,
@@ -308,6 +310,9 @@ pub fn next(databases: &[(Database, Action)], policy: &Policy) -> Next {
             .unwrap_or(0)
     };
     if all(&[Action::Synced]) {
+        if policy.rollback && databases.iter().all(|(db, _)| db.forward_from.is_some()) {
+            return Next::RolledBack;
+        }
         if policy.rollback {
             return Next::CannotRollBack {
                 why: "the source serves the clients: there is nothing to roll back".into(),

@@ -83,20 +83,20 @@ impl Upgrade {
     /// Goes back through the rollback window: the same cutover with source and target
     /// swapped, then the forward stream resumes from the rollback's switch point, so that the
     /// upgrade can be retried (`run`, `cutover`) or abandoned (`abort`). Refuses while the back
-    /// stream is failing or the target holds what it cannot carry back.
-    pub async fn rollback_now(&mut self) -> Result<CutoverReport> {
+    /// stream is failing or the target holds what it cannot carry back. None when a rollback
+    /// was done already (this finishes what a killed one left).
+    pub async fn rollback_now(&mut self) -> Result<Option<CutoverReport>> {
         self.recover().await?;
         let policy = self.plan.policy(true);
-        if let Next::CannotRollBack { why, .. } = self.decided(&policy).await?.1 {
+        let (databases, next) = self.decided(&policy).await?;
+        if let Next::CannotRollBack { why, .. } = next {
             return Err(Error::CannotRollBack { why });
         }
-        self.window_carries_everything().await?;
-        match self.drive(policy, Patience::ONE_GO).await? {
-            (_, Some(report)) => Ok(report),
-            (phase, None) => Err(Error::NotReady {
-                why: format!("the rollback did not happen ({})", phase.name()),
-            }),
+        // Still in the window (not a rollback a crash cut short after its switch).
+        if databases.iter().any(|(db, _)| db.serving() == Side::Target) {
+            self.window_carries_everything().await?;
         }
+        Ok(self.drive(policy, Patience::ONE_GO).await?.1)
     }
 
     /// Before a rollback: the back stream must be able to carry every write made on the target
@@ -240,6 +240,7 @@ impl Upgrade {
                         Err(error) => return Err(error),
                     }
                 }
+                Next::RolledBack => return self.settle(Phase::ReadyForCutover, switched),
                 Next::WindowOpen => return self.settle(Phase::WindowOpen, switched),
                 Next::Done => return self.settle(Phase::Done, switched),
             }

@@ -114,6 +114,9 @@ pub struct Facts {
     pub databases: Vec<DatabaseFacts>,
     /// True when pgshift objects from an earlier run exist: the run resumes, it is no blocker.
     pub resuming: bool,
+    /// The plan opens a rollback window at the switch: the target publishes, the source
+    /// subscribes.
+    pub rollback_window: bool,
     pub target_identity: TargetIdentity,
 }
 
@@ -195,22 +198,35 @@ pub fn evaluate(facts: &Facts) -> Report {
             "run ALTER SYSTEM SET wal_level = logical on the source and restart it".into(),
         );
     }
-    if !target.statement_logging.is_empty() {
-        let settings = target.statement_logging.join(", ");
+    // The servers that receive a password in a statement: the target (the subscription to the
+    // source), and with a rollback window the source too (its subscription to the target).
+    let receiving: &[(&str, &ServerFacts, &str)] = if facts.rollback_window {
+        &[("target", target, "source"), ("source", source, "target")]
+    } else {
+        &[("target", target, "source")]
+    };
+    for (side, server, other) in receiving {
+        if server.statement_logging.is_empty() {
+            continue;
+        }
+        let settings = server.statement_logging.join(", ");
         block(
             "statement_logging",
-            format!("target user {}", target.user),
+            format!("{side} user {}", server.user),
             format!(
-                "may not turn off {settings} for its sessions; the target's log would receive \
-                 pgshift's statements, among them the subscription's connection string with the \
-                 source password"
+                "may not turn off {settings} for its sessions; the {side}'s log would receive \
+                 pgshift's statements, among them a subscription's connection string with the \
+                 {other} password"
             ),
             format!(
-                "connect to the target as a superuser, or (PostgreSQL 15+) GRANT SET ON PARAMETER \
+                "connect to the {side} as a superuser, or (PostgreSQL 15+) GRANT SET ON PARAMETER \
                  {settings} TO {}",
-                crate::sql::ident(&target.user)
+                crate::sql::ident(&server.user)
             ),
         );
+    }
+    if facts.rollback_window {
+        window_blockers(facts, &mut block);
     }
     for (side, facts) in [("source", source), ("target", target)] {
         if !facts.superuser {
@@ -452,6 +468,75 @@ pub fn evaluate(facts: &Facts) -> Report {
     }
 }
 
+/// What the rollback window needs: the target publishes (a logical slot and a WAL sender per
+/// database), the source subscribes (an apply worker per database). Each fix offers the way
+/// without a window too.
+fn window_blockers(facts: &Facts, block: &mut impl FnMut(&'static str, String, String, String)) {
+    let (source, target) = (&facts.source, &facts.target);
+    let databases = facts.databases.len() as i64;
+    let without = "or run without a rollback window (--no-rollback-window)";
+    if target.wal_level != "logical" {
+        block(
+            "window_wal_level",
+            "target server".into(),
+            format!(
+                "has wal_level = {}; the rollback window replicates the target back to the source, which needs logical",
+                target.wal_level
+            ),
+            format!("run ALTER SYSTEM SET wal_level = logical on the target and restart it, {without}"),
+        );
+    }
+    if !facts.resuming && target.max_replication_slots - target.slots_in_use < databases {
+        block(
+            "window_replication_slots",
+            "target server".into(),
+            format!(
+                "has {} of max_replication_slots = {} in use; the rollback window needs {databases} free",
+                target.slots_in_use, target.max_replication_slots
+            ),
+            format!(
+                "raise max_replication_slots on the target to at least {} and restart it, {without}",
+                target.slots_in_use + databases
+            ),
+        );
+    }
+    if !facts.resuming && target.max_wal_senders - target.senders_in_use < databases {
+        block(
+            "window_wal_senders",
+            "target server".into(),
+            format!(
+                "has {} of max_wal_senders = {} in use; the rollback window needs {databases} free",
+                target.senders_in_use, target.max_wal_senders
+            ),
+            format!(
+                "raise max_wal_senders on the target to at least {} and restart it, {without}",
+                target.senders_in_use + databases
+            ),
+        );
+    }
+    let taken = source.logical_workers_taken;
+    if source.max_logical_replication_workers - taken < databases {
+        block(
+            "window_logical_workers",
+            "source server".into(),
+            format!(
+                "has max_logical_replication_workers = {}{}; the rollback window needs an apply worker for each of \
+                 {databases} database(s) on the source",
+                source.max_logical_replication_workers,
+                match taken {
+                    0 => String::new(),
+                    n => format!(" with {n} taken by other subscriptions"),
+                }
+            ),
+            format!(
+                "raise max_logical_replication_workers (and max_worker_processes) on the source to at least {} and \
+                 restart it, {without}",
+                taken + databases
+            ),
+        );
+    }
+}
+
 /// Reads every fact preflight judges, from both servers and the local tools; changes nothing.
 pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
     let source = server_facts(&up.source_admin, Side::Source).await?;
@@ -534,6 +619,7 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
         databases,
         resuming,
         target_identity,
+        rollback_window: up.plan.rollback_window,
     })
 }
 
@@ -590,8 +676,9 @@ pub async fn server_facts(client: &Client, side: Side) -> Result<ServerFacts> {
                     current_setting('max_worker_processes')::int8,
                     current_setting('max_sync_workers_per_subscription')::int8,
                     -- Per other subscription: its apply worker while enabled, or the workers it runs.
+                    -- (By name: before PostgreSQL 15 a plain role may not read pg_subscription.oid.)
                     (SELECT coalesce(sum(GREATEST(s.subenabled::int,
-                                (SELECT count(*) FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.pid IS NOT NULL))), 0)::int8
+                                (SELECT count(*) FROM pg_stat_subscription w WHERE w.subname = s.subname AND w.pid IS NOT NULL))), 0)::int8
                      FROM pg_subscription s WHERE s.subname NOT LIKE $1)",
             &[&format!("{}%", names::PREFIX.replace('_', "\\_"))],
         )
@@ -891,6 +978,7 @@ mod tests {
             }],
             resuming: false,
             target_identity: TargetIdentity::Distinct,
+            rollback_window: true,
         }
     }
 
@@ -968,13 +1056,40 @@ mod tests {
     }
 
     #[test]
+    fn the_rollback_window_needs_a_logical_target_and_workers_on_the_source() {
+        let mut f = facts();
+        f.target.wal_level = "replica".into();
+        f.target.slots_in_use = 10;
+        f.source.max_logical_replication_workers = 0;
+        let report = evaluate(&f);
+        assert_eq!(
+            codes(&report),
+            [
+                "window_wal_level",
+                "window_replication_slots",
+                "window_logical_workers"
+            ]
+        );
+        assert!(report
+            .blockers
+            .iter()
+            .all(|b| b.fix.contains("--no-rollback-window")));
+        f.rollback_window = false;
+        assert!(evaluate(&f).ready(), "{:?}", evaluate(&f).blockers);
+    }
+
+    #[test]
     fn a_target_role_that_cannot_silence_the_statement_log_blocks() {
         let mut f = facts();
+        f.rollback_window = false;
         f.source.statement_logging = vec!["log_statement".into()];
         assert!(
             evaluate(&f).ready(),
-            "the source gets no secrets in statements"
+            "without a rollback window the source gets no secrets in statements"
         );
+        f.rollback_window = true;
+        assert_eq!(codes(&evaluate(&f)), ["statement_logging"]);
+        f.source.statement_logging.clear();
         f.target.statement_logging = vec!["log_statement".into(), "log_min_error_statement".into()];
         let report = evaluate(&f);
         assert_eq!(codes(&report), ["statement_logging"]);

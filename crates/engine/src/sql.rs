@@ -38,12 +38,14 @@ pub fn create_meta_objects(with_state: bool) -> String {
 /// Records the forward switch of one target database, in one transaction: the state row (the
 /// first recording's time stays), the target LSN the back stream starts from (read now, before
 /// the target takes a client write), and the comment on `pgshift_meta` that repeats the time
-/// and outlives cleanup.
+/// and outlives cleanup. The LSN is the WAL *insert* position: the forward apply commits with
+/// `synchronous_commit = off`, so the write position can still lag behind its last commit,
+/// which the back stream would then send back.
 pub fn record_switch(at: &str) -> String {
     let state = qualified(names::META_SCHEMA, names::STATE_TABLE);
     format!(
         "WITH switched AS (INSERT INTO {state} (step, value) VALUES ({step}, {at}) ON CONFLICT DO NOTHING RETURNING 1)
-         INSERT INTO {state} (step, value) SELECT {back_from}, pg_catalog.pg_current_wal_lsn()::text FROM switched
+         INSERT INTO {state} (step, value) SELECT {back_from}, pg_catalog.pg_current_wal_insert_lsn()::text FROM switched
          ON CONFLICT (step) DO UPDATE SET value = EXCLUDED.value, done_at = clock_timestamp();
          DO $pgshift$ BEGIN
            EXECUTE pg_catalog.format('COMMENT ON SCHEMA %I IS %L', {schema},

@@ -192,7 +192,7 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
             report.phase(Phase::CatchingUp, "CatchingUp", "the target is catching up");
             Ok(Action::requeue(POLL))
         }
-        Next::ReadyForCutover => {
+        Next::ReadyForCutover | Next::RolledBack => {
             report.ready_for_cutover();
             Ok(Action::requeue(Duration::from_secs(5)))
         }

@@ -25,7 +25,7 @@ pub(crate) async fn record_and_open(sw: &Switch<'_>) -> Result<()> {
             let point: String = sw
                 .to
                 .admin
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
                 .await
                 .on(Side::Source, "reading the rollback's switch point")?
                 .get(0);
