@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
+
 /// Which server a connection or statement was aimed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,7 +66,7 @@ pub enum Error {
         context: String,
         message: String,
         /// SQLSTATE, when the server sent one.
-        code: Option<String>,
+        code: Option<SqlState>,
     },
 
     /// The server ended pgshift's session, or the connection broke, while a statement ran or
@@ -201,7 +203,15 @@ impl Error {
             // commits raced.
             Error::Sql {
                 code: Some(code), ..
-            } if code == "42710" || code == "42P04" || code == "23505" => Ok(()),
+            } if [
+                SqlState::DUPLICATE_OBJECT,
+                SqlState::DUPLICATE_DATABASE,
+                SqlState::UNIQUE_VIOLATION,
+            ]
+            .contains(code) =>
+            {
+                Ok(())
+            }
             _ => Err(self),
         }
     }
@@ -228,7 +238,7 @@ impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
                 side,
                 context: context.to_string(),
                 message: server_message(&error),
-                code: error.code().map(|c| c.code().to_string()),
+                code: error.code().cloned(),
             })
         })
     }
@@ -283,7 +293,7 @@ mod tests {
             side: Side::Target,
             context: "creating the subscription".into(),
             message: "already exists".into(),
-            code: Some(code.into()),
+            code: Some(SqlState::from_code(code)),
         }
     }
 
@@ -294,7 +304,7 @@ mod tests {
         }
         assert!(matches!(
             sql("42501").made_meanwhile(),
-            Err(Error::Sql { code: Some(c), .. }) if c == "42501"
+            Err(Error::Sql { code: Some(c), .. }) if c == SqlState::INSUFFICIENT_PRIVILEGE
         ));
         assert!(Error::AlreadySwitchedNothingToDo.made_meanwhile().is_err());
     }
