@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::endpoint::Endpoint;
-use crate::error::{Error, Result, SqlContext};
+use crate::error::{Error, Result, Side, SqlContext};
 use crate::names::{FENCE_LOCK_CLASS, UPGRADE_LOCK_CLASS};
 use crate::session::open;
 use crate::sql;
@@ -86,13 +86,17 @@ impl Key {
 
 /// Locks held for as long as this lives: dropping it ends the sessions and with them the locks.
 pub(crate) struct Held {
-    sessions: Vec<(Client, i32)>,
+    sessions: Vec<(Client, Side, i32)>,
 }
 
 impl Held {
-    /// The server processes of the holding sessions, which direct mode's fence must not end.
-    pub fn source_pids(&self) -> impl Iterator<Item = i32> + '_ {
-        self.sessions.iter().map(|(_, pid)| *pid)
+    /// The server processes of the holding sessions on `side`, which direct mode's fence must
+    /// not end (process ids are per server: never mix them up).
+    pub fn pids(&self, side: Side) -> impl Iterator<Item = i32> + '_ {
+        self.sessions
+            .iter()
+            .filter(move |(_, s, _)| *s == side)
+            .map(|(_, _, pid)| *pid)
     }
 }
 
@@ -130,7 +134,8 @@ async fn take(places: &[Place], class: i32, label: &str, what: &str) -> Result<H
                 holder: format!("{what}{}", describe(holder)),
             });
         }
-        held.sessions.push(session);
+        held.sessions
+            .push((session.0, place.endpoint.side, session.1));
     }
     Ok(held)
 }

@@ -94,7 +94,8 @@ impl Upgrade {
         );
         let fence_places = lock::fence_places(&up.target_admin_endpoint, &up.databases);
         let held = lock::take_upgrade_lock(&places, &fence_places, &label).await?;
-        up.own_source_pids.extend(held.source_pids());
+        up.own_source_pids.extend(held.pids(Side::Source));
+        up.own_target_pids.extend(held.pids(Side::Target));
         up.locks = Some(held);
         Ok(up)
     }
@@ -111,7 +112,9 @@ impl Upgrade {
         let mut up = Upgrade::sessions(plan, events).await?;
         let label = lock::holder_label(&up.plan.command);
         let fence_places = lock::fence_places(&up.target_admin_endpoint, &up.databases);
-        up.locks = Some(lock::take_fence_lock(&fence_places, &label).await?);
+        let held = lock::take_fence_lock(&fence_places, &label).await?;
+        up.own_target_pids.extend(held.pids(Side::Target));
+        up.locks = Some(held);
         up.observe().await?;
         Ok(up)
     }

@@ -135,9 +135,12 @@ async fn end_sessions(up: &Upgrade, side: Side, pids: &[i32]) -> Result<()> {
         Side::Target => &up.target_admin,
         _ => &up.source_admin,
     };
+    // Only pgshift's own sessions: a process id the worker reported for one server must never
+    // end a client's session that happens to have it on the other.
     server
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid = ANY($1) AND application_name LIKE 'pgshift%'",
             &[&pids],
         )
         .await
@@ -146,7 +149,7 @@ async fn end_sessions(up: &Upgrade, side: Side, pids: &[i32]) -> Result<()> {
     while Instant::now() < until {
         let left: i64 = server
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1) AND application_name LIKE 'pgshift%'",
                 &[&pids],
             )
             .await
