@@ -148,7 +148,8 @@ async fn direct_mode_goes_back_with_errors_only_for_ended_sessions() {
 }
 
 #[tokio::test]
-async fn a_rollback_held_up_past_its_budget_leaves_clients_on_the_new_server_and_abort_follows_a_rollback() {
+async fn a_rollback_held_up_past_its_budget_leaves_clients_on_the_new_server_and_abort_follows_a_rollback(
+) {
     let lab = CliLab::start(15, 18).await;
     succeeds(&lab, &lab.args("run", &[]));
     let load = Ledger::run(through(&lab.bouncer), LoadOptions::new(4));
@@ -181,8 +182,14 @@ async fn a_rollback_held_up_past_its_budget_leaves_clients_on_the_new_server_and
     // target database included, and the old server is as it was.
     let aborted = succeeds(&lab, &lab.direct_args("abort", &[]));
     assert!(aborted.contains("target databases: app"), "{aborted}");
-    assert_eq!(pgshift_objects(&lab.pair.source, &["app"]).await, Vec::<String>::new());
-    assert_eq!(pgshift_objects(&lab.pair.target, &["app"]).await, Vec::<String>::new());
+    assert_eq!(
+        pgshift_objects(&lab.pair.source, &["app"]).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        pgshift_objects(&lab.pair.target, &["app"]).await,
+        Vec::<String>::new()
+    );
 }
 
 #[tokio::test]

@@ -578,6 +578,23 @@ pub async fn fenced(target: &tokio_postgres::Client) -> bool {
         .get(0)
 }
 
+/// pgshift's replication objects on the server `app` (a session in database `app`) is on:
+/// every replication slot (the tests make none of their own), and pgshift's subscriptions
+/// and publications.
+pub async fn replication_objects(app: &tokio_postgres::Client) -> Vec<String> {
+    let mut objects = Vec::new();
+    for query in [
+        "SELECT 'slot ' || slot_name FROM pg_replication_slots",
+        "SELECT 'subscription ' || subname FROM pg_subscription WHERE subname LIKE 'pgshift%'",
+        "SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgshift%'",
+    ] {
+        for row in app.query(query, &[]).await.unwrap() {
+            objects.push(row.get::<_, String>(0));
+        }
+    }
+    objects
+}
+
 /// `kubectl get`'s layout of a Table.
 pub fn render_table(table: &serde_json::Value) -> String {
     let names: Vec<String> = table["columnDefinitions"]
