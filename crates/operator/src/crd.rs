@@ -419,7 +419,8 @@ pub struct CutoverStatus {
 pub struct RollbackStatus {
     /// When the rollback window ends (RFC 3339; the switch's time plus `spec.rollback.window`),
     /// or ended: then the replication objects are removed and the upgrade is Completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written as null when no window is open (a rollback), which removes it from the status.
+    #[serde(default)]
     pub window_ends: Option<String>,
     /// The last rollback: its write pause, and attempts including aborted ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
