@@ -226,6 +226,7 @@ async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_ag
         "the old StatefulSet stays while the window is open"
     );
     eprintln!("kubectl get pgu:\n{}", k8s::render_table(&fx.table().await));
+    eprintln!("status:\n{}", serde_yaml::to_string(&status).unwrap());
 
     spec["rollback"]["requested"] = json!(true);
     fx.apply_upgrade("orders", spec.clone()).await;
@@ -246,6 +247,8 @@ async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_ag
         (progressing.status.as_str(), progressing.reason.as_str()),
         ("False", "RolledBack")
     );
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&fx.table().await));
+    eprintln!("status:\n{}", serde_yaml::to_string(&status).unwrap());
     let rollback = status.rollback.clone().unwrap();
     assert_eq!(rollback.window_ends, None, "no window is open");
     let pause = rollback.cutover.expect("the rollback is reported");

@@ -646,13 +646,24 @@ pub fn render_table(table: &serde_json::Value) -> String {
         .join("\n")
 }
 
-/// The major version of the server a session is on.
+/// The major version of the server a session is on. One simple-query message, as the ledger's
+/// clients send: through PgBouncer in transaction mode a prepared statement's parse and its
+/// execution can land on two server connections (the operator's PgBouncer sets no
+/// `max_prepared_statements`).
 pub async fn major(client: &tokio_postgres::Client) -> i32 {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let rows = client
+        .simple_query("SELECT current_setting('server_version_num')")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let version: i32 = rows
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .expect("a row")
+        .parse()
+        .unwrap();
     version / 10000
 }
 
