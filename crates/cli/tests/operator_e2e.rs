@@ -206,6 +206,11 @@ async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_ag
     assert_eq!(status.phase, Some(Phase::RollbackWindow));
     let progressing = condition(&status, "Progressing");
     assert_eq!(progressing.reason, "RollbackWindow");
+    assert_eq!(
+        status.blockers,
+        [],
+        "a blocker seen once is gone once preflight passes"
+    );
     let ends: k8s_openapi::jiff::Timestamp = status
         .rollback
         .as_ref()

@@ -419,8 +419,7 @@ pub struct CutoverStatus {
 pub struct RollbackStatus {
     /// When the rollback window ends (RFC 3339; the switch's time plus `spec.rollback.window`),
     /// or ended: then the replication objects are removed and the upgrade is Completed.
-    /// Written as null when no window is open (a rollback), which removes it from the status.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ends: Option<String>,
     /// The last rollback: its write pause, and attempts including aborted ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -659,12 +659,31 @@ async fn publish(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) -> R
     }
     if upgrade.status.as_ref() != Some(&report.status) {
         let api: Api<PostgresUpgrade> = Api::namespaced(ctx.client.clone(), &report.namespace);
-        let patch = json!({"status": report.status});
+        let written = serde_json::to_value(&upgrade.status).expect("a status is JSON");
+        let status = serde_json::to_value(&report.status).expect("a status is JSON");
+        let patch = json!({"status": merge_patch(&written, status)});
         api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
     publish_events(upgrade, ctx, report).await;
     Ok(())
+}
+
+/// A JSON merge patch from `written` to `wanted`: a field `wanted` leaves out (an empty list, a
+/// cleared value) is written as null, which is how a merge patch removes it; otherwise the API
+/// server would keep the old value (a blocker that was fixed, a window that is no longer open).
+fn merge_patch(written: &serde_json::Value, mut wanted: serde_json::Value) -> serde_json::Value {
+    if let (Some(written), Some(fields)) = (written.as_object(), wanted.as_object_mut()) {
+        for (key, old) in written {
+            match fields.get_mut(key) {
+                Some(new) => *new = merge_patch(old, new.take()),
+                None => {
+                    fields.insert(key.clone(), serde_json::Value::Null);
+                }
+            }
+        }
+    }
+    wanted
 }
 
 async fn publish_events(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) {
@@ -686,5 +705,43 @@ async fn publish_events(upgrade: &PostgresUpgrade, ctx: &Context, report: &Repor
         if let Err(error) = published {
             tracing::warn!(reason = %event.reason, "could not publish an event: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the new status leaves out is removed (null), nested too; what it has replaces the
+    /// old value, lists whole.
+    #[test]
+    fn the_status_patch_removes_what_the_new_status_leaves_out() {
+        let written = json!({
+            "phase": "RollbackWindow",
+            "blockers": [{"code": "target_not_empty"}],
+            "rollback": {"windowEnds": "2026-12-02T13:47:32Z"},
+            "cutover": {"attempts": 1, "lastAbortReason": "too slow"},
+        });
+        let wanted = json!({
+            "phase": "RolledBack",
+            "rollback": {"cutover": {"attempts": 1}},
+            "cutover": {"attempts": 2},
+            "databases": [{"name": "app"}],
+        });
+        assert_eq!(
+            merge_patch(&written, wanted),
+            json!({
+                "phase": "RolledBack",
+                "blockers": null,
+                "rollback": {"windowEnds": null, "cutover": {"attempts": 1}},
+                "cutover": {"attempts": 2, "lastAbortReason": null},
+                "databases": [{"name": "app"}],
+            })
+        );
+        assert_eq!(
+            merge_patch(&serde_json::Value::Null, json!({"phase": "Pending"})),
+            json!({"phase": "Pending"}),
+            "the first status is written as it is"
+        );
     }
 }
