@@ -211,6 +211,12 @@ async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_ag
         [],
         "a blocker seen once is gone once preflight passes"
     );
+    assert_eq!(
+        status.direction.as_deref(),
+        Some("Back"),
+        "the source follows"
+    );
+    assert!(status.rollback.as_ref().unwrap().window_opened.is_some());
     let ends: k8s_openapi::jiff::Timestamp = status
         .rollback
         .as_ref()
@@ -256,6 +262,11 @@ async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_ag
     eprintln!("status:\n{}", serde_yaml::to_string(&status).unwrap());
     let rollback = status.rollback.clone().unwrap();
     assert_eq!(rollback.window_ends, None, "no window is open");
+    assert_eq!(
+        status.direction.as_deref(),
+        Some("Forward"),
+        "the target follows"
+    );
     let pause = rollback.cutover.expect("the rollback is reported");
     eprintln!("rollback: {pause:?}");
     assert!(pause.pause_ms.unwrap() > 0.0);

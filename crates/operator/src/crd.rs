@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.rollback.windowEnds"
     ),
+    printcolumn(name = "Direction", type_ = "string", json_path = ".status.direction"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -359,7 +360,12 @@ pub struct PostgresUpgradeStatus {
     /// Tables copied and in sync, over all databases: `ready/total`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<String>,
-    /// Replication lag behind the source, human-readable (`lagBytes` exact).
+    /// Which way replication runs now: `Forward` (the target follows the source) before the
+    /// switch and after a rollback, `Back` (the source follows the target) in the rollback window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// Replication lag of the server that follows (see `direction`), human-readable
+    /// (`lagBytes` exact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -421,6 +427,9 @@ pub struct RollbackStatus {
     /// or ended: then the replication objects are removed and the upgrade is Completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ends: Option<String>,
+    /// When the open rollback window opened (RFC 3339: the switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_opened: Option<String>,
     /// The last rollback: its write pause, and attempts including aborted ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover: Option<CutoverStatus>,
@@ -479,6 +488,7 @@ mod tests {
                 "Lag",
                 "Pause",
                 "Window Ends",
+                "Direction",
                 "Age"
             ]
         );

@@ -168,7 +168,10 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
     let failing = report.new_apply_errors(&steps);
     report.databases(&steps);
     // With no window there is no end to show.
-    report.window_ends(window_ends.filter(|_| !v.rollback_window.is_zero()));
+    report.window_ends(
+        window_ends.filter(|_| !v.rollback_window.is_zero()),
+        v.rollback_window,
+    );
     if let Some(database) = failing.first() {
         return Err(up.apply_failure(database).await?.into());
     }

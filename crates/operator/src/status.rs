@@ -109,8 +109,9 @@ impl Report {
         self.phase(Phase::RollbackWindow, "RollbackWindow", &message);
     }
 
-    /// The window's end, as the printer column shows it (absent while no window is open).
-    pub fn window_ends(&mut self, ends: Option<Timestamp>) {
+    /// The window's end, as the printer column shows it, and its start (`window` before the
+    /// end); both absent while no window is open.
+    pub fn window_ends(&mut self, ends: Option<Timestamp>, window: Duration) {
         if self.status.rollback.is_none() && ends.is_none() {
             return;
         }
@@ -119,6 +120,9 @@ impl Report {
             .rollback
             .get_or_insert_with(RollbackStatus::default);
         rollback.window_ends = ends.map(|t| t.to_string());
+        rollback.window_opened = ends
+            .and_then(|t| t.checked_sub(window).ok())
+            .map(|t| t.to_string());
     }
 
     /// A rollback was done and is still asked for: the upgrade waits for a person.
@@ -215,6 +219,13 @@ impl Report {
                 }
             })
             .collect();
+        self.status.direction = steps
+            .iter()
+            .find(|(db, _)| running_stream(db).subscription.is_some())
+            .map(|(db, _)| match db.serving() {
+                Side::Target => "Back".to_string(),
+                _ => "Forward".to_string(),
+            });
         let subscribed: Vec<_> = steps
             .iter()
             .filter_map(|(db, _)| running_stream(db).subscription.as_ref())
@@ -444,6 +455,7 @@ mod tests {
         report.databases(&steps);
         assert_eq!(report.status.tables.as_deref(), Some("3/3"));
         assert_eq!(report.status.lag.as_deref(), Some("2.0 KiB"));
+        assert_eq!(report.status.direction.as_deref(), Some("Back"));
         let db = &report.status.databases[0];
         assert_eq!((db.step.as_str(), db.apply_errors), ("WindowOpen", 2));
     }
@@ -462,7 +474,7 @@ mod tests {
         let upgrade: PostgresUpgrade = crate::validate::tests::fixture("upgrade-rollback.yaml");
         let mut report = Report::from(&upgrade);
         let ends: Timestamp = "2026-12-02T12:02:34Z".parse().unwrap();
-        report.window_ends(Some(ends));
+        report.window_ends(Some(ends), Duration::from_secs(90 * 60));
         report.window_open(ends);
         assert_eq!(report.status.phase, Some(Phase::RollbackWindow));
         assert_eq!(
@@ -475,6 +487,16 @@ mod tests {
                 .as_deref(),
             Some("2026-12-02T12:02:34Z")
         );
+        assert_eq!(
+            report
+                .status
+                .rollback
+                .as_ref()
+                .unwrap()
+                .window_opened
+                .as_deref(),
+            Some("2026-12-02T10:32:34Z")
+        );
         let progressing = condition(&report, "Progressing");
         assert_eq!(
             (progressing.status.as_str(), progressing.reason.as_str()),
@@ -485,7 +507,7 @@ mod tests {
             .message
             .contains("spec.rollback.requested: true"));
 
-        report.window_ends(None);
+        report.window_ends(None, Duration::from_secs(90 * 60));
         report.rolled_back();
         assert_eq!(report.status.phase, Some(Phase::RolledBack));
         assert_eq!(report.status.rollback.as_ref().unwrap().window_ends, None);
