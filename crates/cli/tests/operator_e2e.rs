@@ -23,6 +23,7 @@ fn condition<'a>(
         .unwrap_or_else(|| panic!("condition {type_} in {:?}", status.conditions))
 }
 
+/// An upgrade without a rollback window: it completes at the switch.
 fn spec(mode: &str) -> serde_json::Value {
     json!({
         "source": {"service": {"name": "db"}, "databases": [APP_DB], "credentialsSecret": "db-superuser",
@@ -30,7 +31,15 @@ fn spec(mode: &str) -> serde_json::Value {
         "target": {"image": "postgres:18", "storage": {"size": "1Gi"}},
         "traffic": {"service": "db", "mode": mode, "pgbouncer": {"image": "pgbouncer/pgbouncer:1.24", "replicas": 2}},
         "cutover": {"mode": "Automatic", "maxPause": "2s"},
+        "rollback": {"window": "0"},
     })
+}
+
+/// The spec with a rollback window of `window` (the switch opens it).
+fn window_spec(mode: &str, window: &str) -> serde_json::Value {
+    let mut windowed = spec(mode);
+    windowed["rollback"] = json!({"window": window});
+    windowed
 }
 
 /// The spec with a manual cutover (it waits at ReadyForCutover for `approved: true`).
@@ -176,6 +185,293 @@ async fn pgbouncer_mode_moves_a_live_database_with_no_failed_or_lost_transaction
     }
 }
 
+/// The way back through PgBouncer, under load: the switch opens the rollback window (the old
+/// StatefulSet stays despite `cleanup.deleteSource`), `rollback.requested: true` moves the
+/// clients back with no failed and no lost transaction (every acknowledged commit on the source
+/// exactly once) and holds the upgrade at RolledBack; clearing it cuts over again, and the
+/// window's end completes the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_through_pgbouncer_loses_nothing_and_the_upgrade_cuts_over_again() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let mut spec = window_spec("PgBouncer", "24h");
+    spec["cleanup"] = json!({"deleteSource": true});
+    let ledger = fx.ledger(4).await;
+    fx.apply_upgrade("orders", spec.clone()).await;
+    fx.wait_for_phase("orders", Phase::RollbackWindow, Duration::from_secs(240))
+        .await;
+    // Writes go on against the new server; the old one follows it and is kept.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(Phase::RollbackWindow));
+    let progressing = condition(&status, "Progressing");
+    assert_eq!(progressing.reason, "RollbackWindow");
+    assert_eq!(
+        status.blockers,
+        [],
+        "a blocker seen once is gone once preflight passes"
+    );
+    assert_eq!(
+        status.direction.as_deref(),
+        Some("Back"),
+        "the source follows"
+    );
+    assert!(status.rollback.as_ref().unwrap().window_opened.is_some());
+    let ends: k8s_openapi::jiff::Timestamp = status
+        .rollback
+        .as_ref()
+        .and_then(|r| r.window_ends.as_deref())
+        .expect("status.rollback.windowEnds")
+        .parse()
+        .unwrap();
+    let left = ends.duration_since(k8s_openapi::jiff::Timestamp::now());
+    assert!(
+        left > k8s_openapi::jiff::SignedDuration::from_hours(23),
+        "a day from the switch: ends {ends}"
+    );
+    assert_eq!(k8s::major(&fx.app().await).await, 18);
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    assert!(
+        sets.get_opt("db").await.unwrap().is_some(),
+        "the old StatefulSet stays while the window is open"
+    );
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&fx.table().await));
+    eprintln!("status:\n{}", serde_yaml::to_string(&status).unwrap());
+
+    spec["rollback"]["requested"] = json!(true);
+    fx.apply_upgrade("orders", spec.clone()).await;
+    let phases = fx
+        .wait_for_phase("orders", Phase::RolledBack, Duration::from_secs(120))
+        .await;
+    assert!(phases.contains(&Phase::RollingBack), "{phases:?}");
+    // The clients write on the old server again; the held upgrade stays where it is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.phase,
+        Some(Phase::RolledBack),
+        "held while requested"
+    );
+    let progressing = condition(&status, "Progressing");
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("False", "RolledBack")
+    );
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&fx.table().await));
+    eprintln!("status:\n{}", serde_yaml::to_string(&status).unwrap());
+    let rollback = status.rollback.clone().unwrap();
+    assert_eq!(rollback.window_ends, None, "no window is open");
+    assert_eq!(
+        status.direction.as_deref(),
+        Some("Forward"),
+        "the target follows"
+    );
+    let pause = rollback.cutover.expect("the rollback is reported");
+    eprintln!("rollback: {pause:?}");
+    assert!(pause.pause_ms.unwrap() > 0.0);
+    assert_eq!(
+        k8s::major(&fx.app().await).await,
+        15,
+        "the clients' route is on the source"
+    );
+    let routes: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let route = routes.get("orders-route").await.unwrap().spec.unwrap();
+    assert_eq!(
+        route.selector,
+        Some([("app".to_string(), "db".to_string())].into()),
+        "PgBouncer's route selects the source's pods again"
+    );
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+    let verification =
+        pgshift_lab::ledger::Ledger::verify(&fx.source_direct(APP_DB).await, &report)
+            .await
+            .unwrap();
+    eprintln!("verification on the source: {verification:?}");
+    assert!(report.committed > 100, "the load ran: {report:?}");
+    assert_eq!(
+        (report.failed, report.in_doubt),
+        (0, 0),
+        "failed and in-doubt transactions: {:?}\n{}",
+        report.errors,
+        fx.pgbouncer_log_tails("orders", 40)
+    );
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert!(verification.is_ok(), "{verification:?}");
+    assert!(!event_messages(&fx, "RollbackCompleted").await.is_empty());
+
+    // Cleared: the upgrade cuts over again (automatic), then the window's end completes it.
+    let ledger = fx.ledger(4).await;
+    spec["rollback"]["requested"] = json!(false);
+    fx.apply_upgrade("orders", spec.clone()).await;
+    fx.wait_for_phase("orders", Phase::RollbackWindow, Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(k8s::major(&fx.app().await).await, 18);
+    spec["rollback"]["window"] = json!("1s");
+    fx.apply_upgrade("orders", spec).await;
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(60))
+        .await;
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&fx.table().await));
+    assert_nothing_failed_or_lost(&fx, ledger).await;
+    assert_eq!(
+        k8s::replication_objects(&fx.target_direct("orders", APP_DB).await).await,
+        Vec::<String>::new()
+    );
+    pgshift_testkit::eventually(
+        "cleanup.deleteSource to delete the old StatefulSet",
+        Duration::from_secs(30),
+        || async { sets.get_opt("db").await.unwrap().is_none().then_some(()) },
+    )
+    .await;
+}
+
+/// `Service` mode's way back: the rollback points the clients' Service at the source's pods
+/// again (proven by logins through it); clients lose at most the transactions of the sessions
+/// the two fences ended, nothing acknowledged is lost. Deleting the rolled-back upgrade then
+/// aborts it: the source and the clients' Service end as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_mode_rolls_back_and_deleting_the_rolled_back_upgrade_aborts_it() {
+    let mut fx = Fixture::start(15, &[]).await;
+    let (before, service_before) = as_found(&fx).await;
+    fx.start_operator("operator-a");
+    let ledger = fx.ledger(4).await;
+    let mut spec = window_spec("Service", "24h");
+    fx.apply_upgrade("orders", spec.clone()).await;
+    fx.wait_for_phase("orders", Phase::RollbackWindow, Duration::from_secs(240))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(k8s::major(&fx.app().await).await, 18);
+    spec["rollback"]["requested"] = json!(true);
+    fx.apply_upgrade("orders", spec).await;
+    fx.wait_for_phase("orders", Phase::RolledBack, Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        k8s::major(&fx.app().await).await,
+        15,
+        "the clients' Service reaches the source"
+    );
+    let report = ledger.stop().await;
+    eprintln!("ledger: {}", serde_json::to_string(&report).unwrap());
+    let verification =
+        pgshift_lab::ledger::Ledger::verify(&fx.source_direct(APP_DB).await, &report)
+            .await
+            .unwrap();
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert!(verification.is_ok(), "{verification:?}");
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    let ended = status.cutover.and_then(|c| c.sessions_ended).unwrap_or(0)
+        + status
+            .rollback
+            .and_then(|r| r.cutover)
+            .and_then(|c| c.sessions_ended)
+            .unwrap_or(0);
+    assert!(
+        report.failed + report.in_doubt <= ended as u64,
+        "client errors {} + {} > sessions ended {ended}: {:?}",
+        report.failed,
+        report.in_doubt,
+        report.errors
+    );
+    delete_and_check_everything_restored(&fx, &before, &service_before).await;
+}
+/// A window that expires: the upgrade waits in RollbackWindow while the source follows the
+/// target, then the window's end performs cleanup by itself — no replication object left on
+/// either server — and the upgrade is Completed. A rollback asked for after that changes
+/// nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_rollback_window_cleans_up_both_servers_and_refuses_a_late_rollback() {
+    let mut fx = Fixture::start(15, &[]).await;
+    fx.start_operator("operator-a");
+    let mut spec = window_spec("Service", "20s");
+    fx.apply_upgrade("orders", spec.clone()).await;
+    fx.wait_for_phase("orders", Phase::RollbackWindow, Duration::from_secs(240))
+        .await;
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    let ends = status
+        .rollback
+        .as_ref()
+        .and_then(|r| r.window_ends.clone())
+        .expect("status.rollback.windowEnds");
+    let table = fx.table().await;
+    eprintln!("kubectl get pgu:\n{}", k8s::render_table(&table));
+    assert_eq!(
+        table["rows"][0]["cells"][7],
+        json!(ends),
+        "the WINDOW ENDS column"
+    );
+    assert!(
+        k8s::replication_objects(&fx.source_direct(APP_DB).await)
+            .await
+            .iter()
+            .any(|o| o.starts_with("subscription ")),
+        "the source follows the target in the window"
+    );
+
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(120))
+        .await;
+    for (server, app) in [
+        ("source", fx.source_direct(APP_DB).await),
+        ("target", fx.target_direct("orders", APP_DB).await),
+    ] {
+        assert_eq!(
+            k8s::replication_objects(&app).await,
+            Vec::<String>::new(),
+            "pgshift's replication objects on the {server} after the window's end"
+        );
+    }
+    assert!(!event_messages(&fx, "RollbackWindow").await.is_empty());
+
+    spec["rollback"]["requested"] = json!(true);
+    fx.apply_upgrade("orders", spec).await;
+    let unavailable = pgshift_testkit::eventually(
+        "an event saying the rollback is unavailable",
+        Duration::from_secs(30),
+        || async {
+            let messages = event_messages(&fx, "RollbackUnavailable").await;
+            (!messages.is_empty()).then_some(messages)
+        },
+    )
+    .await;
+    eprintln!("RollbackUnavailable: {unavailable:?}");
+    assert!(
+        unavailable[0].contains("rollback window ended"),
+        "{unavailable:?}"
+    );
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Completed));
+    assert_eq!(
+        k8s::major(&fx.app().await).await,
+        18,
+        "clients stay on the target"
+    );
+}
+
+/// Rollback settings the API server refuses, each with its fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_rollback_settings_are_refused_with_their_fix() {
+    let fx = Fixture::start(15, &[]).await;
+    for (rollback, message) in [
+        (
+            json!({"window": "1d"}),
+            "rollback.window is a duration such as 24h, 90m, 1h30m or 30s, or 0 for no rollback window",
+        ),
+        (
+            json!({"window": "0", "requested": true}),
+            "spec.rollback.requested needs a rollback window, and spec.rollback.window is 0",
+        ),
+    ] {
+        let mut bad = spec("PgBouncer");
+        bad["rollback"] = rollback.clone();
+        let error = refused(&fx, bad).await;
+        eprintln!("{rollback}: {error}");
+        assert!(error.to_string().contains(message), "{rollback}: {error}");
+    }
+}
+
 /// Invalid specs are refused by the API server with a message that says what to fix; a source
 /// without `wal_level=logical` and with a keyless table is Blocked, with each fix named, and
 /// nothing changed on the source.
@@ -214,20 +510,7 @@ async fn invalid_specs_are_refused_and_a_blocked_source_is_left_untouched() {
             "size" => bad["target"]["storage"]["size"] = value,
             _ => bad["traffic"]["mode"] = value,
         }
-        let object: kube::api::DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "pgshift.io/v1alpha1", "kind": "PostgresUpgrade",
-            "metadata": {"name": "bad"}, "spec": bad,
-        }))
-        .unwrap();
-        let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
-            fx.client.clone(),
-            k8s::NS,
-            &kube::core::ApiResource::erase::<pgshift_operator::crd::PostgresUpgrade>(&()),
-        );
-        let error = raw
-            .create(&kube::api::PostParams::default(), &object)
-            .await
-            .expect_err("the API server refuses it");
+        let error = refused(&fx, bad).await;
         eprintln!("{field}: {error}");
         assert!(error.to_string().contains(message), "{field}: {error}");
     }
@@ -402,7 +685,7 @@ async fn deleting_the_upgrade_mid_replication_restores_the_source_and_removes_th
     fx.wait_for_phase("orders", Phase::Replicating, Duration::from_secs(240))
         .await;
     let server = fx.source_direct("postgres").await;
-    k8s::eventually(
+    pgshift_testkit::eventually(
         "the initial copy to run",
         Duration::from_secs(60),
         || async {
@@ -459,7 +742,7 @@ async fn delete_and_check_everything_restored(
         Api::namespaced(fx.client.clone(), k8s::NS);
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(fx.client.clone(), k8s::NS);
-    k8s::eventually(
+    pgshift_testkit::eventually(
         "pgshift's objects to be collected",
         Duration::from_secs(60),
         || async {
@@ -505,10 +788,7 @@ async fn delete_and_check_everything_restored(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_the_upgrade_in_every_phase_before_the_switch_leaves_nothing_behind() {
     let mut fx = Fixture::start(15, &[]).await;
-    let before = fx.source_state().await;
-    let services: Api<k8s_openapi::api::core::v1::Service> =
-        Api::namespaced(fx.client.clone(), k8s::NS);
-    let service_before = services.get("db").await.unwrap().spec;
+    let (before, service_before) = as_found(&fx).await;
     fx.start_operator("operator-a");
     let order = [
         Phase::Provisioning,
@@ -526,7 +806,7 @@ async fn deleting_the_upgrade_in_every_phase_before_the_switch_leaves_nothing_be
     ] {
         let manual = manual_spec("PgBouncer");
         fx.apply_upgrade("orders", manual).await;
-        let reached = k8s::eventually(
+        let reached = pgshift_testkit::eventually(
             "the phase to delete in",
             Duration::from_secs(180),
             || async {
@@ -669,6 +949,31 @@ async fn two_replicas_act_one_at_a_time_and_hand_over() {
 }
 
 /// The upgrade's events with this reason.
+/// The source's state and the clients' Service as the test found them.
+async fn as_found(fx: &Fixture) -> (Vec<String>, Option<k8s_openapi::api::core::v1::ServiceSpec>) {
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(fx.client.clone(), k8s::NS);
+    let service = services.get("db").await.unwrap().spec;
+    (fx.source_state().await, service)
+}
+
+/// The API server's refusal to create a PostgresUpgrade with this spec.
+async fn refused(fx: &Fixture, spec: serde_json::Value) -> kube::Error {
+    let object: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "pgshift.io/v1alpha1", "kind": "PostgresUpgrade",
+        "metadata": {"name": "bad"}, "spec": spec,
+    }))
+    .unwrap();
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        fx.client.clone(),
+        k8s::NS,
+        &kube::core::ApiResource::erase::<pgshift_operator::crd::PostgresUpgrade>(&()),
+    );
+    raw.create(&kube::api::PostParams::default(), &object)
+        .await
+        .expect_err("the API server refuses it")
+}
+
 async fn events_of(fx: &Fixture, reason: &str) -> Vec<Event> {
     let events: Api<Event> = Api::namespaced(fx.client.clone(), k8s::NS);
     events
@@ -808,11 +1113,11 @@ async fn approve_and_wait_for_the_fence(
     let paused_before = pauses(fx);
     manual["cutover"]["approved"] = json!(true);
     fx.apply_upgrade("orders", manual).await;
-    k8s::eventually("the fence", Duration::from_secs(60), || async {
+    pgshift_testkit::eventually("the fence", Duration::from_secs(60), || async {
         k8s::fenced(&target).await.then_some(())
     })
     .await;
-    k8s::eventually(
+    pgshift_testkit::eventually(
         "every PgBouncer to be told to PAUSE",
         Duration::from_secs(10),
         || async {
@@ -826,7 +1131,7 @@ async fn approve_and_wait_for_the_fence(
 
 /// Waits until the ledger's commits stop growing (its clients are held); panics if they go on.
 async fn until_clients_are_held(ledger: &pgshift_lab::ledger::LedgerHandle) {
-    k8s::eventually("clients to be held", Duration::from_secs(10), || async {
+    pgshift_testkit::eventually("clients to be held", Duration::from_secs(10), || async {
         let before = ledger.snapshot().committed;
         tokio::time::sleep(Duration::from_millis(500)).await;
         (ledger.snapshot().committed == before).then_some(())
@@ -884,7 +1189,7 @@ async fn a_leader_killed_while_pgbouncer_is_paused_releases_clients_within_lease
     until_clients_are_held(&ledger).await;
     let held = ledger.snapshot().committed;
     let bound = k8s::LEASE_DURATION + max_pause + Duration::from_secs(5);
-    k8s::eventually("clients to commit again", bound, || async {
+    pgshift_testkit::eventually("clients to commit again", bound, || async {
         (ledger.snapshot().committed > held).then_some(())
     })
     .await;
@@ -968,7 +1273,7 @@ async fn the_operator_and_a_pgshift_command_never_work_on_one_upgrade_at_once() 
             "refused only for Busy, naming the operator: {said}"
         );
     };
-    let busy = k8s::eventually(
+    let busy = pgshift_testkit::eventually(
         "the operator to report Busy",
         Duration::from_secs(60),
         || async {

@@ -117,8 +117,8 @@ pub enum Error {
     #[error("pgbouncer: {0}")]
     Pgbouncer(String),
 
-    /// The caller's router could not point clients at the target.
-    #[error("moving traffic to the target: {0}")]
+    /// The caller's router could not point clients at a server (the message names which).
+    #[error("moving traffic: {0}")]
     Route(String),
 
     /// One database cannot go on without a person.

@@ -13,7 +13,7 @@ use crate::crd::TrafficMode;
 use crate::error::Result;
 use crate::names::{role, POSTGRES_PORT, TARGET_SUPERUSER};
 use crate::reconcile::Context;
-use crate::router::ServiceRouter;
+use crate::router::{Proof, ServiceRouter, SourcePods};
 use crate::validate::Validated;
 
 fn up_source(v: &Validated) -> Endpoint {
@@ -53,22 +53,29 @@ pub async fn connect(
         TrafficMode::PgBouncer => v.names.route(),
         TrafficMode::Service => spec.traffic.service.clone(),
     };
-    let mut probe = target.clone();
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    if let Some(ip) = services
+    // Logins through the route's address prove where it points.
+    let route_ip = Api::<Service>::namespaced(ctx.client.clone(), &v.namespace)
         .get_opt(&service)
         .await?
-        .and_then(|s| s.spec?.cluster_ip)
-    {
-        probe.host = ip;
-    }
+        .and_then(|s| s.spec?.cluster_ip);
+    let through_route = |server: &Endpoint| {
+        let mut probe = server.clone();
+        if let Some(ip) = &route_ip {
+            probe.host = ip.clone();
+            probe.port = POSTGRES_PORT as u16;
+        }
+        Proof {
+            probe,
+            server: server.clone(),
+        }
+    };
     let router = ServiceRouter::new(
         ctx.client.clone(),
         &v.namespace,
         &service,
         v.names.clone(),
-        probe,
-        target.clone(),
+        source_pods(v),
+        (through_route(&source), through_route(&target)),
     );
     let mut plan = Plan::new(source, target);
     plan.databases = if spec.source.databases.is_empty() {
@@ -84,8 +91,7 @@ pub async fn connect(
     plan.schema_tools_in_target_image = true;
     // The operator drives one attempt per reconcile and counts them itself.
     plan.cutover_attempts = 1;
-    // No rollback window in the operator yet: its router moves clients to the target only.
-    plan.rollback_window = false;
+    plan.rollback_window = !v.rollback_window.is_zero();
     // No fence guard: a killed operator's pod takes a guard with it; the next leader recovers.
     plan.command = format!("operator for {}/{}", v.namespace, v.names.upgrade);
     let name = v.names.upgrade.clone();
@@ -93,6 +99,19 @@ pub async fn connect(
         tracing::debug!(upgrade = %name, ?event, "engine");
     });
     Ok(Upgrade::connect(plan, events).await?)
+}
+
+/// How a rollback points the route back at the source: PgBouncer's route at the pods the
+/// source Service selects (as pgshift made it), the clients' own Service as it was before
+/// pgshift changed it.
+pub fn source_pods(v: &Validated) -> SourcePods {
+    match v.upgrade.spec.traffic.mode {
+        TrafficMode::PgBouncer => SourcePods::Selected {
+            selector: v.source.selector.clone(),
+            target_port: v.source.target_port.clone(),
+        },
+        TrafficMode::Service => SourcePods::Original,
+    }
 }
 
 /// The admin consoles of PgBouncer's ready pods (none in `Service` mode).
@@ -127,4 +146,31 @@ pub async fn pooler_consoles(v: &Validated, ctx: &Context) -> Result<Vec<Endpoin
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::PostgresUpgrade;
+    use crate::validate::tests::{fixture, inputs};
+    use crate::validate::validate;
+
+    #[test]
+    fn a_rollback_routes_to_the_source_pods_behind_pgbouncer_and_to_the_original_service_without() {
+        let pgbouncer: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let v = validate(&pgbouncer, &inputs()).unwrap();
+        // The route Service as build made it toward the source.
+        let route = crate::build::route_service(&v, false).spec.unwrap();
+        assert_eq!(
+            source_pods(&v),
+            SourcePods::Selected {
+                selector: route.selector.unwrap(),
+                target_port: serde_json::to_value(route.ports.unwrap()[0].target_port.clone())
+                    .unwrap(),
+            }
+        );
+        let service_mode: PostgresUpgrade = fixture("upgrade-rollback.yaml");
+        let v = validate(&service_mode, &inputs()).unwrap();
+        assert_eq!(source_pods(&v), SourcePods::Original);
+    }
 }

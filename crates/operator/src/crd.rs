@@ -30,6 +30,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Lag", type_ = "string", json_path = ".status.lag"),
     printcolumn(name = "Pause", type_ = "string", json_path = ".status.cutover.pause"),
     printcolumn(
+        name = "Window Ends",
+        type_ = "string",
+        json_path = ".status.rollback.windowEnds"
+    ),
+    printcolumn(name = "Direction", type_ = "string", json_path = ".status.direction"),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -48,6 +54,8 @@ pub struct PostgresUpgradeSpec {
     pub traffic: Traffic,
     #[serde(default)]
     pub cutover: Cutover,
+    #[serde(default)]
+    pub rollback: Rollback,
     #[serde(default)]
     pub cleanup: Cleanup,
 }
@@ -223,10 +231,47 @@ impl CutoverMode {
     }
 }
 
+/// The way back: after the switch the old server follows the new one (reverse replication)
+/// for `window`, and `requested: true` moves the clients back to it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.requested && self.window == '0')").message("spec.rollback.requested needs a rollback window, and spec.rollback.window is 0: set the window to a duration such as 24h before the switch, or set requested to false"))]
+pub struct Rollback {
+    /// How long after the switch the old server is kept current, so that clients can be moved
+    /// back to it: a duration such as `24h`, `90m`, `1h30m` or `30s`; `0` switches without a
+    /// window. At its end pgshift removes the replication objects (and deletes the source
+    /// workload with `cleanup.deleteSource`) and the upgrade is Completed.
+    #[serde(default = "default_window")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^(0|[0-9]+h([0-9]+m)?([0-9]+s)?|[0-9]+m([0-9]+s)?|[0-9]+s)$')").message("rollback.window is a duration such as 24h, 90m, 1h30m or 30s, or 0 for no rollback window"))]
+    pub window: String,
+    /// `true` while the window is open: clients go back to the source (the same fence, proof and
+    /// budget as the cutover), and the target follows the source again. The upgrade stays
+    /// RolledBack while this is true; set it to false to cut over again (per `cutover`), or
+    /// delete the PostgresUpgrade to abort.
+    #[serde(default)]
+    pub requested: bool,
+}
+
+impl Default for Rollback {
+    fn default() -> Self {
+        Rollback {
+            window: default_window(),
+            requested: false,
+        }
+    }
+}
+
+/// A day of traffic on the new version (docs/kubernetes.md says why).
+fn default_window() -> String {
+    "24h".into()
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Cleanup {
-    /// Delete `source.workload` once the upgrade is complete (its volumes are kept).
+    /// Delete `source.workload` once the upgrade is complete (its volumes are kept): at the end
+    /// of the rollback window, not before.
     #[serde(default)]
     pub delete_source: bool,
 }
@@ -245,6 +290,14 @@ pub enum Phase {
     /// In sync; a manual cutover waits here for `spec.cutover.approved`.
     ReadyForCutover,
     CuttingOver,
+    /// Switched: clients use the target, the source follows it until the window ends
+    /// (`status.rollback.windowEnds`); `spec.rollback.requested: true` goes back.
+    RollbackWindow,
+    /// Moving clients back to the source (a rollback was requested).
+    RollingBack,
+    /// Clients use the source again and the target follows it; held here while
+    /// `spec.rollback.requested` is true.
+    RolledBack,
     Completed,
     /// Stopped on an error that needs a person (see the `Ready` condition's message).
     Failed,
@@ -263,13 +316,16 @@ impl Phase {
             Phase::CatchingUp => "CatchingUp",
             Phase::ReadyForCutover => "ReadyForCutover",
             Phase::CuttingOver => "CuttingOver",
+            Phase::RollbackWindow => "RollbackWindow",
+            Phase::RollingBack => "RollingBack",
+            Phase::RolledBack => "RolledBack",
             Phase::Completed => "Completed",
             Phase::Failed => "Failed",
             Phase::Aborting => "Aborting",
         }
     }
 
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 14] = [
         Phase::Pending,
         Phase::Blocked,
         Phase::Provisioning,
@@ -278,6 +334,9 @@ impl Phase {
         Phase::CatchingUp,
         Phase::ReadyForCutover,
         Phase::CuttingOver,
+        Phase::RollbackWindow,
+        Phase::RollingBack,
+        Phase::RolledBack,
         Phase::Completed,
         Phase::Failed,
         Phase::Aborting,
@@ -301,7 +360,12 @@ pub struct PostgresUpgradeStatus {
     /// Tables copied and in sync, over all databases: `ready/total`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tables: Option<String>,
-    /// Replication lag behind the source, human-readable (`lagBytes` exact).
+    /// Which way replication runs now: `Forward` (the target follows the source) before the
+    /// switch and after a rollback, `Back` (the source follows the target) in the rollback window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// Replication lag of the server that follows (see `direction`), human-readable
+    /// (`lagBytes` exact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,6 +374,8 @@ pub struct PostgresUpgradeStatus {
     pub databases: Vec<DatabaseStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover: Option<CutoverStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackStatus>,
     /// What stops the upgrade, each with its fix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blockers: Vec<Finding>,
@@ -343,7 +409,7 @@ pub struct CutoverStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_ms: Option<f64>,
     /// Attempts so far, including aborted ones (an attempt aborts when it would exceed
-    /// `maxPause`; clients then carry on with the source).
+    /// `maxPause`; clients then carry on with the server they were on).
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_abort_reason: Option<String>,
@@ -352,6 +418,21 @@ pub struct CutoverStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions_ended: Option<i64>,
     pub sequences_synced: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackStatus {
+    /// When the rollback window ends (RFC 3339; the switch's time plus `spec.rollback.window`),
+    /// or ended: then the replication objects are removed and the upgrade is Completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ends: Option<String>,
+    /// When the open rollback window opened (RFC 3339: the switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_opened: Option<String>,
+    /// The last rollback: its write pause, and attempts including aborted ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<CutoverStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -399,12 +480,24 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["Phase", "Source", "Target", "Tables", "Lag", "Pause", "Age"]
+            [
+                "Phase",
+                "Source",
+                "Target",
+                "Tables",
+                "Lag",
+                "Pause",
+                "Window Ends",
+                "Direction",
+                "Age"
+            ]
         );
         let text = crd.to_string();
         assert!(text.contains("set exactly one of spec.source.host and spec.source.service"));
         assert!(text.contains("maxPause is a duration between 10ms and 60s"));
         assert!(text.contains("spec.traffic cannot change once the upgrade exists"));
+        assert!(text.contains("rollback.window is a duration such as 24h"));
+        assert!(text.contains("spec.rollback.requested needs a rollback window"));
     }
 
     /// `deploy/crds/` and the chart's `crds/` hold what `pgshift crd` prints; regenerate them
@@ -436,5 +529,7 @@ mod tests {
         assert_eq!(spec.cutover, Cutover::default());
         assert_eq!(spec.cutover.max_pause, "2s");
         assert!(!spec.cleanup.delete_source);
+        assert_eq!(spec.rollback.window, "24h");
+        assert!(!spec.rollback.requested);
     }
 }

@@ -8,12 +8,13 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, Client, Resource, ResourceExt};
-use pgshift_engine::decide::{Action as Step, Next, Policy};
+use pgshift_engine::decide::{self, Action as Step, Direction, Next, Policy};
 use pgshift_engine::observe::Database;
 use pgshift_engine::{
     CutoverMode as EngineCutover, Endpoint, Error as EngineError, Phase as EnginePhase, Side,
@@ -24,13 +25,15 @@ use serde_json::json;
 use crate::build;
 use crate::cluster;
 use crate::connect::{connect, pooler_consoles, target_endpoint};
-use crate::crd::{CutoverMode, CutoverStatus, Finding, Phase, PostgresUpgrade, TrafficMode};
+use crate::crd::{
+    CutoverMode, CutoverStatus, Finding, Phase, PostgresUpgrade, RollbackStatus, TrafficMode,
+};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::names::{FINALIZER, ORIGINAL_ANNOTATION};
 use crate::provision::{provision_pgbouncer, provision_target, reach_source};
 use crate::router::restore_clients;
-use crate::status::Report;
+use crate::status::{self, human_bytes, Report};
 use crate::validate::{validate, Validated};
 
 pub struct Context {
@@ -76,6 +79,14 @@ pub fn error_policy(upgrade: Arc<PostgresUpgrade>, error: &Error, ctx: Arc<Conte
 async fn drive(upgrade: &PostgresUpgrade, ctx: &Context) -> Result<Action> {
     let mut report = Report::from(upgrade);
     if report.status.phase == Some(Phase::Completed) {
+        if upgrade.spec.rollback.requested {
+            report.event(
+                EventType::Warning,
+                "RollbackUnavailable",
+                "the upgrade is completed: its rollback window ended and cleanup removed the reverse replication, so the source is no longer current; spec.rollback.requested has no effect",
+            );
+            publish_events(upgrade, ctx, &report).await;
+        }
         return Ok(Action::await_change());
     }
     let outcome = step(upgrade, ctx, &mut report).await;
@@ -133,22 +144,40 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
         return Ok(Action::requeue(SLOW));
     }
 
-    let cutover = &v.upgrade.spec.cutover;
+    let spec = &v.upgrade.spec;
+    let observed = up.observe().await?;
+    let window_ends = status::window_ends(&observed, v.rollback_window);
+    let window_over = window_ends.is_some_and(|ends| ends <= Timestamp::now());
     let policy = Policy {
-        cutover: match cutover.mode {
-            CutoverMode::Manual if !cutover.approved => EngineCutover::Manual,
+        cutover: match spec.cutover.mode {
+            CutoverMode::Manual if !spec.cutover.approved => EngineCutover::Manual,
             _ => EngineCutover::Automatic,
         },
+        // Past the window's end the way back is closed, whatever was asked.
+        rollback: spec.rollback.requested && !window_over,
         ..up.policy(false)
     };
-    let (steps, next) = up.decided(&policy).await?;
+    let steps: Vec<(Database, Step)> = observed
+        .into_iter()
+        .map(|db| {
+            let action = decide::decide(&db, &policy);
+            (db, action)
+        })
+        .collect();
+    let next = decide::next(&steps, &policy);
     let failing = report.new_apply_errors(&steps);
     report.databases(&steps);
+    // With no window there is no end to show.
+    report.window_ends(
+        window_ends.filter(|_| !v.rollback_window.is_zero()),
+        v.rollback_window,
+    );
     if let Some(database) = failing.first() {
         return Err(up.apply_failure(database).await?.into());
     }
     let switched = steps.iter().any(|(db, _)| db.serving() == Side::Target);
-    if v.upgrade.spec.traffic.mode == TrafficMode::PgBouncer && !switched {
+    // A rollback, like the cutover, pauses every PgBouncer replica: all of them must be ready.
+    if spec.traffic.mode == TrafficMode::PgBouncer && (!switched || policy.rollback) {
         if !provision_pgbouncer(&v, ctx, report).await? {
             return Ok(Action::requeue(POLL));
         }
@@ -160,9 +189,28 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
             up = connect(&v, ctx, target_endpoint, ready).await?;
         }
     }
+    // Steps toward a rollback, and after its switch until it is done.
+    let rolling_back = policy.rollback
+        && steps
+            .iter()
+            .any(|(db, _)| db.serving() == Side::Target || db.forward_from.is_some());
 
     match next {
+        Next::WindowOpen if !window_over => {
+            let ends = window_ends.expect("an open window has a switch time");
+            report.window_open(ends);
+            let until_end =
+                Duration::try_from(ends.duration_since(Timestamp::now())).unwrap_or_default();
+            Ok(Action::requeue(until_end.clamp(SOON, SLOW)))
+        }
         Next::Done | Next::WindowOpen => {
+            if spec.rollback.requested && window_over {
+                report.event(
+                    EventType::Warning,
+                    "RollbackWindowEnded",
+                    "spec.rollback.requested came after the rollback window's end: the upgrade completes on the target",
+                );
+            }
             complete(&v, ctx, &mut up, report).await?;
             Ok(Action::await_change())
         }
@@ -176,8 +224,12 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
                     .expect("the decision names an observed database");
                 return copy_schema(&v, ctx, &mut up, &db, report).await;
             }
+            let phase = match rolling_back {
+                true => Phase::RollingBack,
+                false => phase_of(action.phase()),
+            };
             report.phase(
-                phase_of(action.phase()),
+                phase,
                 "Progressing",
                 &format!("database {database}: {action:?}"),
             );
@@ -188,16 +240,47 @@ async fn step(upgrade: &PostgresUpgrade, ctx: &Context, report: &mut Report) -> 
             report.phase(Phase::Replicating, "InitialCopy", "copying tables");
             Ok(Action::requeue(POLL))
         }
+        Next::CatchUp {
+            direction: Direction::Back,
+            lag_bytes,
+        } => {
+            report.phase(
+                Phase::RollingBack,
+                "CatchingUp",
+                &format!(
+                    "the source is {} behind the target; the rollback starts once it is within {}",
+                    human_bytes(lag_bytes),
+                    human_bytes(policy.max_lag_bytes)
+                ),
+            );
+            Ok(Action::requeue(POLL))
+        }
         Next::CatchUp { .. } => {
             report.phase(Phase::CatchingUp, "CatchingUp", "the target is catching up");
             Ok(Action::requeue(POLL))
         }
-        Next::ReadyForCutover | Next::RolledBack => {
+        Next::RolledBack => {
+            report.rolled_back();
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Next::ReadyForCutover => {
             report.ready_for_cutover();
             Ok(Action::requeue(Duration::from_secs(5)))
         }
-        Next::Cutover(_) => cut_over(upgrade, ctx, &mut up, report).await,
-        Next::CannotRollBack { why, .. } => Err(EngineError::CannotRollBack { why }.into()),
+        Next::Cutover(direction) => cut_over(upgrade, ctx, &mut up, report, direction).await,
+        // No window (it ended, or the switch had none): the upgrade is done.
+        Next::CannotRollBack {
+            why,
+            phase: EnginePhase::Done,
+        } => {
+            report.event(EventType::Warning, "RollbackUnavailable", &why);
+            complete(&v, ctx, &mut up, report).await?;
+            Ok(Action::await_change())
+        }
+        Next::CannotRollBack { .. } => {
+            report.held_for_rollback();
+            Ok(Action::requeue(Duration::from_secs(5)))
+        }
     }
 }
 
@@ -316,30 +399,55 @@ async fn job_failure(ctx: &Context, namespace: &str, job: &str) -> Result<String
     Ok(message.trim().to_string())
 }
 
+/// One switch in `direction`: the cutover, or a rollback (the same fence, proof and budget
+/// with the servers' roles swapped).
 async fn cut_over(
     upgrade: &PostgresUpgrade,
     ctx: &Context,
     up: &mut Upgrade,
     report: &mut Report,
+    direction: Direction,
 ) -> Result<Action> {
-    // Watchers see the cutover start before the pause.
-    report.phase(
-        Phase::CuttingOver,
-        "CuttingOver",
-        "fencing writes and switching",
-    );
+    let (phase, what, carry_on_with) = match direction {
+        Direction::Forward => (
+            Phase::CuttingOver,
+            "fencing writes and switching",
+            "the source",
+        ),
+        Direction::Back => (
+            Phase::RollingBack,
+            "fencing writes on the target and switching clients back to the source",
+            "the target",
+        ),
+    };
+    // Watchers see the switch start before the pause.
+    report.phase(phase, phase.name(), what);
     publish(upgrade, ctx, report).await?;
     ctx.metrics
         .inc_cutover_attempts(&report.namespace, &report.name);
-    let attempts = report.status.cutover.as_ref().map_or(0, |c| c.attempts) + 1;
-    match up.cutover_now().await {
-        Ok(done) => {
+    let switch = match direction {
+        Direction::Forward => &mut report.status.cutover,
+        Direction::Back => {
+            &mut report
+                .status
+                .rollback
+                .get_or_insert_with(RollbackStatus::default)
+                .cutover
+        }
+    };
+    let attempts = switch.as_ref().map_or(0, |c| c.attempts) + 1;
+    let outcome = match direction {
+        Direction::Forward => up.cutover_now().await.map(Some),
+        Direction::Back => up.rollback_now().await,
+    };
+    match outcome {
+        Ok(Some(done)) => {
             ctx.metrics.set_cutover_pause(
                 &report.namespace,
                 &report.name,
                 Duration::from_secs_f64(done.pause_ms / 1e3),
             );
-            report.status.cutover = Some(CutoverStatus {
+            *switch = Some(CutoverStatus {
                 pause: Some(format!("{:.0}ms", done.pause_ms)),
                 pause_ms: Some(done.pause_ms),
                 attempts,
@@ -347,35 +455,47 @@ async fn cut_over(
                 sessions_ended: Some(done.sessions_ended),
                 sequences_synced: done.sequences_synced as i64,
             });
+            let (reason, ended_on) = match direction {
+                Direction::Forward => ("CutoverCompleted", "source"),
+                Direction::Back => ("RollbackCompleted", "target"),
+            };
             report.event(
                 EventType::Normal,
-                "CutoverCompleted",
+                reason,
                 &format!(
-                    "writes paused {:.1} ms; {} sequences synced; {} source sessions ended",
+                    "writes paused {:.1} ms; {} sequences synced; {} {ended_on} sessions ended",
                     done.pause_ms, done.sequences_synced, done.sessions_ended
                 ),
             );
             Ok(Action::requeue(SOON))
         }
+        // A rollback a crash cut short after its switch, finished now.
+        Ok(None) => Ok(Action::requeue(SOON)),
         Err(EngineError::CutoverAborted {
             step,
             elapsed,
             budget,
         }) => {
             let reason = format!("{step} took longer than maxPause ({elapsed:?} of {budget:?})");
-            let cutover = report
-                .status
-                .cutover
-                .get_or_insert_with(CutoverStatus::default);
-            cutover.attempts = attempts;
-            cutover.last_abort_reason = Some(reason.clone());
+            let aborted = switch.get_or_insert_with(CutoverStatus::default);
+            aborted.attempts = attempts;
+            aborted.last_abort_reason = Some(reason.clone());
+            let (phase, event) = match direction {
+                Direction::Forward => (Phase::CatchingUp, "CutoverAborted"),
+                Direction::Back => (Phase::RollingBack, "RollbackAborted"),
+            };
             report.phase(
-                Phase::CatchingUp,
-                "CutoverAborted",
-                &format!("{reason}; clients carry on with the source, trying again"),
+                phase,
+                event,
+                &format!("{reason}; clients carry on with {carry_on_with}, trying again"),
             );
-            report.event(EventType::Warning, "CutoverAborted", &reason);
+            report.event(EventType::Warning, event, &reason);
             Ok(Action::requeue(Duration::from_secs(5)))
+        }
+        Err(refused @ EngineError::RollbackRefused { .. }) => {
+            report.rollback_refused(&refused.to_string());
+            report.event(EventType::Warning, "RollbackRefused", &refused.to_string());
+            Ok(Action::requeue(SLOW))
         }
         Err(e) => Err(e.into()),
     }
@@ -390,6 +510,8 @@ async fn complete(
     report: &mut Report,
 ) -> Result<()> {
     up.cleanup().await?;
+    let (steps, _) = up.decided(&up.policy(false)).await?;
+    report.databases(&steps);
     let ns = &v.namespace;
     let client = &ctx.client;
     cluster::release(
@@ -540,12 +662,31 @@ async fn publish(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) -> R
     }
     if upgrade.status.as_ref() != Some(&report.status) {
         let api: Api<PostgresUpgrade> = Api::namespaced(ctx.client.clone(), &report.namespace);
-        let patch = json!({"status": report.status});
+        let written = serde_json::to_value(&upgrade.status).expect("a status is JSON");
+        let status = serde_json::to_value(&report.status).expect("a status is JSON");
+        let patch = json!({"status": merge_patch(&written, status)});
         api.patch_status(&report.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
     publish_events(upgrade, ctx, report).await;
     Ok(())
+}
+
+/// A JSON merge patch from `written` to `wanted`: a field `wanted` leaves out (an empty list, a
+/// cleared value) is written as null, which is how a merge patch removes it; otherwise the API
+/// server would keep the old value (a blocker that was fixed, a window that is no longer open).
+fn merge_patch(written: &serde_json::Value, mut wanted: serde_json::Value) -> serde_json::Value {
+    if let (Some(written), Some(fields)) = (written.as_object(), wanted.as_object_mut()) {
+        for (key, old) in written {
+            match fields.get_mut(key) {
+                Some(new) => *new = merge_patch(old, new.take()),
+                None => {
+                    fields.insert(key.clone(), serde_json::Value::Null);
+                }
+            }
+        }
+    }
+    wanted
 }
 
 async fn publish_events(upgrade: &PostgresUpgrade, ctx: &Context, report: &Report) {
@@ -567,5 +708,43 @@ async fn publish_events(upgrade: &PostgresUpgrade, ctx: &Context, report: &Repor
         if let Err(error) = published {
             tracing::warn!(reason = %event.reason, "could not publish an event: {error}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the new status leaves out is removed (null), nested too; what it has replaces the
+    /// old value, lists whole.
+    #[test]
+    fn the_status_patch_removes_what_the_new_status_leaves_out() {
+        let written = json!({
+            "phase": "RollbackWindow",
+            "blockers": [{"code": "target_not_empty"}],
+            "rollback": {"windowEnds": "2026-12-02T13:47:32Z"},
+            "cutover": {"attempts": 1, "lastAbortReason": "too slow"},
+        });
+        let wanted = json!({
+            "phase": "RolledBack",
+            "rollback": {"cutover": {"attempts": 1}},
+            "cutover": {"attempts": 2},
+            "databases": [{"name": "app"}],
+        });
+        assert_eq!(
+            merge_patch(&written, wanted),
+            json!({
+                "phase": "RolledBack",
+                "blockers": null,
+                "rollback": {"windowEnds": null, "cutover": {"attempts": 1}},
+                "cutover": {"attempts": 2, "lastAbortReason": null},
+                "databases": [{"name": "app"}],
+            })
+        );
+        assert_eq!(
+            merge_patch(&serde_json::Value::Null, json!({"phase": "Pending"})),
+            json!({"phase": "Pending"}),
+            "the first status is written as it is"
+        );
     }
 }

@@ -2,13 +2,17 @@
 //! say what is happening and why (CloudNativePG style): `Ready` (the upgrade is complete),
 //! `Progressing` (it moves on by itself), `Blocked` (a person must fix something first).
 
+use std::time::Duration;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use pgshift_engine::decide::Action as Step;
-use pgshift_engine::observe::Database;
+use pgshift_engine::observe::{Database, Stream};
+use pgshift_engine::Side;
 
-use crate::crd::{DatabaseStatus, Phase, PostgresUpgrade, PostgresUpgradeStatus};
+use crate::crd::{DatabaseStatus, Phase, PostgresUpgrade, PostgresUpgradeStatus, RollbackStatus};
 
 pub struct PendingEvent {
     pub type_: EventType,
@@ -96,17 +100,70 @@ impl Report {
         self.condition("Ready", false, "PreflightFailed", &message);
     }
 
+    /// Switched, the window open until `ends`: the upgrade completes by itself then.
+    pub fn window_open(&mut self, ends: Timestamp) {
+        let message = format!(
+            "clients use the target and the source follows it until {ends}; then pgshift removes the \
+             replication objects and the upgrade completes. Set spec.rollback.requested: true to go back"
+        );
+        self.phase(Phase::RollbackWindow, "RollbackWindow", &message);
+    }
+
+    /// The window's end, as the printer column shows it, and its start (`window` before the
+    /// end); both absent while no window is open.
+    pub fn window_ends(&mut self, ends: Option<Timestamp>, window: Duration) {
+        if self.status.rollback.is_none() && ends.is_none() {
+            return;
+        }
+        let rollback = self
+            .status
+            .rollback
+            .get_or_insert_with(RollbackStatus::default);
+        rollback.window_ends = ends.map(|t| t.to_string());
+        rollback.window_opened = ends
+            .and_then(|t| t.checked_sub(window).ok())
+            .map(|t| t.to_string());
+    }
+
+    /// A rollback was done and is still asked for: the upgrade waits for a person.
+    pub fn rolled_back(&mut self) {
+        let message = "clients use the source again and the target follows it; set \
+                       spec.rollback.requested: false to cut over again (as spec.cutover says), or \
+                       delete the PostgresUpgrade to abort";
+        self.waiting(Phase::RolledBack, "RolledBack", message);
+    }
+
+    /// A rollback would lose writes (the engine's refusal names each cause); nobody was paused.
+    pub fn rollback_refused(&mut self, refusal: &str) {
+        let message = format!(
+            "{refusal}. Clients stay on the target; to stay there, set spec.rollback.requested: false"
+        );
+        self.set_phase(Phase::Blocked, &message);
+        self.condition("Blocked", true, "RollbackRefused", &message);
+        self.condition("Progressing", false, "RollbackRefused", &message);
+        self.condition("Ready", false, "RollbackRefused", &message);
+    }
+
+    /// `spec.rollback.requested` before any switch: nothing to go back from, and no cutover
+    /// while it is asked for.
+    pub fn held_for_rollback(&mut self) {
+        let message = "spec.rollback.requested is true but clients use the source: there is \
+                       nothing to roll back, and pgshift does not cut over while it is true; set it \
+                       to false to cut over";
+        self.waiting(Phase::ReadyForCutover, "RollbackRequested", message);
+    }
+
     pub fn ready_for_cutover(&mut self) {
         let message = "the target is in sync; set spec.cutover.approved: true to cut over";
-        self.set_phase(Phase::ReadyForCutover, message);
-        self.condition("Progressing", false, "AwaitingApproval", message);
-        self.condition(
-            "Blocked",
-            false,
-            "AwaitingApproval",
-            "nothing blocks the upgrade",
-        );
-        self.condition("Ready", false, "AwaitingApproval", message);
+        self.waiting(Phase::ReadyForCutover, "AwaitingApproval", message);
+    }
+
+    /// Waiting for a person's word (not blocked: nothing is wrong).
+    fn waiting(&mut self, phase: Phase, reason: &str, message: &str) {
+        self.set_phase(phase, message);
+        self.condition("Progressing", false, reason, message);
+        self.condition("Blocked", false, reason, "nothing blocks the upgrade");
+        self.condition("Ready", false, reason, message);
     }
 
     /// A reconcile failed. Errors that the next attempt may not overcome by itself set the
@@ -128,12 +185,13 @@ impl Report {
         self.condition("Blocked", false, "Completed", "nothing blocks the upgrade");
     }
 
-    /// The databases whose target counted more replication errors than at the last reconcile.
+    /// The databases whose subscriber counted more replication errors than at the last
+    /// reconcile, on the stream that runs now.
     pub fn new_apply_errors(&self, steps: &[(Database, Step)]) -> Vec<String> {
         steps
             .iter()
             .filter_map(|(db, _)| {
-                let now = db.forward.subscription.as_ref()?.errors;
+                let now = running_stream(db).subscription.as_ref()?.errors;
                 let before = self
                     .status
                     .databases
@@ -145,29 +203,32 @@ impl Report {
             .collect()
     }
 
-    /// Per-database steps, tables in sync and the lag behind the source.
+    /// Per-database steps, tables in sync and the lag, of the stream that runs now: the target
+    /// behind the source before the switch, the source behind the target in the window.
     pub fn databases(&mut self, steps: &[(Database, Step)]) {
         self.status.databases = steps
             .iter()
-            .map(|(db, step)| DatabaseStatus {
-                name: db.name.clone(),
-                step: format!("{step:?}"),
-                tables_ready: db
-                    .forward
-                    .subscription
-                    .as_ref()
-                    .map_or(0, |s| s.tables_ready),
-                tables_total: db
-                    .forward
-                    .subscription
-                    .as_ref()
-                    .map_or(0, |s| s.tables_total),
-                apply_errors: db.forward.subscription.as_ref().map_or(0, |s| s.errors),
+            .map(|(db, step)| {
+                let subscription = running_stream(db).subscription.as_ref();
+                DatabaseStatus {
+                    name: db.name.clone(),
+                    step: format!("{step:?}"),
+                    tables_ready: subscription.map_or(0, |s| s.tables_ready),
+                    tables_total: subscription.map_or(0, |s| s.tables_total),
+                    apply_errors: subscription.map_or(0, |s| s.errors),
+                }
             })
             .collect();
+        self.status.direction = steps
+            .iter()
+            .find(|(db, _)| running_stream(db).subscription.is_some())
+            .map(|(db, _)| match db.serving() {
+                Side::Target => "Back".to_string(),
+                _ => "Forward".to_string(),
+            });
         let subscribed: Vec<_> = steps
             .iter()
-            .filter_map(|(db, _)| db.forward.subscription.as_ref())
+            .filter_map(|(db, _)| running_stream(db).subscription.as_ref())
             .collect();
         if !subscribed.is_empty() {
             let ready: i64 = subscribed.iter().map(|s| s.tables_ready).sum();
@@ -176,7 +237,7 @@ impl Report {
         }
         let lag = steps
             .iter()
-            .filter_map(|(db, _)| db.forward.slot.as_ref())
+            .filter_map(|(db, _)| running_stream(db).slot.as_ref())
             .map(|s| s.lag_bytes)
             .max();
         if let Some(lag) = lag {
@@ -205,6 +266,37 @@ impl Report {
         });
         conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     }
+}
+
+/// The stream that keeps the server nobody writes to current: forward before the switch, back
+/// (the rollback window) after it.
+fn running_stream(db: &Database) -> &Stream {
+    match db.serving() {
+        Side::Target => &db.back,
+        _ => &db.forward,
+    }
+}
+
+/// When the rollback window ends: the newest switch to the target plus `window` (with no window,
+/// at the switch). None before the switch and after cleanup. A switch time that cannot be read gives no
+/// start to count from: the window counts as over (only the way back is lost, never a write).
+pub fn window_ends(databases: &[Database], window: Duration) -> Option<Timestamp> {
+    let switched: Vec<&Database> = databases
+        .iter()
+        .filter(|db| db.serving() == Side::Target && !db.cleaned_up)
+        .collect();
+    if switched.is_empty() {
+        return None;
+    }
+    let latest = switched
+        .iter()
+        .map(|db| db.switched_at.as_deref()?.parse::<Timestamp>().ok())
+        .collect::<Option<Vec<_>>>()
+        .and_then(|times| times.into_iter().max());
+    Some(match latest {
+        Some(at) => at.checked_add(window).unwrap_or(Timestamp::MAX),
+        None => Timestamp::UNIX_EPOCH,
+    })
 }
 
 pub fn human_bytes(bytes: i64) -> String {
@@ -284,6 +376,169 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         report.phase(Phase::Replicating, "B", "b");
         assert_eq!(report.status.conditions[0].last_transition_time, first);
+    }
+
+    fn switched_at(at: &str) -> Database {
+        Database {
+            name: "app".into(),
+            target_exists: true,
+            steps: vec![pgshift_engine::names::step::SWITCHED.into()],
+            switched_at: Some(at.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_window_ends_a_window_after_the_newest_switch() {
+        let day = Duration::from_secs(24 * 3600);
+        let before = Database {
+            name: "app".into(),
+            target_exists: true,
+            ..Default::default()
+        };
+        assert_eq!(window_ends(std::slice::from_ref(&before), day), None);
+        let ends = |dbs: &[Database], window| window_ends(dbs, window).map(|t| t.to_string());
+        let switched = [
+            switched_at("2026-12-01T12:02:34Z"),
+            switched_at("2026-12-01T12:02:35Z"),
+        ];
+        assert_eq!(
+            ends(&switched, day).as_deref(),
+            Some("2026-12-02T12:02:35Z")
+        );
+        assert_eq!(
+            ends(&switched, Duration::ZERO).as_deref(),
+            Some("2026-12-01T12:02:35Z"),
+            "no window: it ends at the switch"
+        );
+        let mut cleaned = switched_at("2026-12-01T12:02:34Z");
+        cleaned.steps.clear();
+        cleaned.cleaned_up = true;
+        assert_eq!(window_ends(&[cleaned], day), None);
+        let unreadable = window_ends(&[switched_at("some time")], day).unwrap();
+        assert!(
+            unreadable < Timestamp::now(),
+            "counts as over: {unreadable}"
+        );
+    }
+
+    /// In the window the stream that runs is the back one (the source follows the target):
+    /// its tables, lag and errors are what status shows.
+    #[test]
+    fn in_the_window_status_follows_the_back_stream() {
+        let mut db = switched_at("2026-12-01T12:02:34Z");
+        db.back = Stream {
+            publication: true,
+            slot: Some(pgshift_engine::observe::Slot {
+                active: true,
+                lag_bytes: 2048,
+            }),
+            subscription: Some(pgshift_engine::observe::Subscription {
+                enabled: true,
+                tables_total: 3,
+                tables_ready: 3,
+                errors: 2,
+                worker_running: true,
+                ..Default::default()
+            }),
+        };
+        let steps = [(db, Step::WindowOpen)];
+        let mut report = Report::from(&upgrade());
+        report.status.databases = vec![DatabaseStatus {
+            name: "app".into(),
+            step: "Synced".into(),
+            tables_ready: 3,
+            tables_total: 3,
+            apply_errors: 0,
+        }];
+        assert_eq!(report.new_apply_errors(&steps), ["app"]);
+        report.databases(&steps);
+        assert_eq!(report.status.tables.as_deref(), Some("3/3"));
+        assert_eq!(report.status.lag.as_deref(), Some("2.0 KiB"));
+        assert_eq!(report.status.direction.as_deref(), Some("Back"));
+        let db = &report.status.databases[0];
+        assert_eq!((db.step.as_str(), db.apply_errors), ("WindowOpen", 2));
+    }
+
+    fn condition<'a>(report: &'a Report, type_: &str) -> &'a Condition {
+        report
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_window_then_a_rollback_held_until_requested_is_cleared() {
+        let upgrade: PostgresUpgrade = crate::validate::tests::fixture("upgrade-rollback.yaml");
+        let mut report = Report::from(&upgrade);
+        let ends: Timestamp = "2026-12-02T12:02:34Z".parse().unwrap();
+        report.window_ends(Some(ends), Duration::from_secs(90 * 60));
+        report.window_open(ends);
+        assert_eq!(report.status.phase, Some(Phase::RollbackWindow));
+        assert_eq!(
+            report
+                .status
+                .rollback
+                .as_ref()
+                .unwrap()
+                .window_ends
+                .as_deref(),
+            Some("2026-12-02T12:02:34Z")
+        );
+        assert_eq!(
+            report
+                .status
+                .rollback
+                .as_ref()
+                .unwrap()
+                .window_opened
+                .as_deref(),
+            Some("2026-12-02T10:32:34Z")
+        );
+        let progressing = condition(&report, "Progressing");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", "RollbackWindow")
+        );
+        assert!(progressing.message.contains("until 2026-12-02T12:02:34Z"));
+        assert!(progressing
+            .message
+            .contains("spec.rollback.requested: true"));
+
+        report.window_ends(None, Duration::from_secs(90 * 60));
+        report.rolled_back();
+        assert_eq!(report.status.phase, Some(Phase::RolledBack));
+        assert_eq!(report.status.rollback.as_ref().unwrap().window_ends, None);
+        for type_ in ["Progressing", "Ready", "Blocked"] {
+            assert_eq!(condition(&report, type_).status, "False", "{type_}");
+        }
+        let progressing = condition(&report, "Progressing");
+        assert_eq!(progressing.reason, "RolledBack");
+        assert!(progressing
+            .message
+            .contains("spec.rollback.requested: false"));
+        assert_eq!(progressing.observed_generation, Some(5));
+        let reasons: Vec<&str> = report.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(reasons, ["RollbackWindow", "RolledBack"]);
+    }
+
+    #[test]
+    fn a_refused_rollback_blocks_with_the_cause_and_the_way_to_stay() {
+        let mut report = Report::from(&upgrade());
+        report.rollback_refused(
+            "rollback refused for database app: table public.audit was created on the target",
+        );
+        assert_eq!(report.status.phase, Some(Phase::Blocked));
+        let blocked = condition(&report, "Blocked");
+        assert_eq!(
+            (blocked.status.as_str(), blocked.reason.as_str()),
+            ("True", "RollbackRefused")
+        );
+        assert!(blocked.message.contains("public.audit"));
+        assert!(blocked.message.contains("spec.rollback.requested: false"));
+        assert_eq!(report.events[0].type_, EventType::Warning);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Validated {
     /// The target Service's ClusterIP, once it exists.
     pub target_host: Option<String>,
     pub max_pause: Duration,
+    /// `spec.rollback.window`: zero for none.
+    pub rollback_window: Duration,
 }
 
 /// One thing wrong with the spec or what it refers to, with what to do about it.
@@ -122,6 +124,9 @@ pub fn validate(upgrade: &PostgresUpgrade, inputs: &Inputs) -> Result<Validated,
     let max_pause = parse_duration(&spec.cutover.max_pause)
         .map_err(|p| problems.push(format!("spec.cutover.maxPause: {p}")))
         .ok();
+    let rollback_window = parse_window(&spec.rollback.window)
+        .map_err(|p| problems.push(format!("spec.rollback.window: {p}")))
+        .ok();
 
     let target_host = inputs
         .target_service
@@ -132,10 +137,11 @@ pub fn validate(upgrade: &PostgresUpgrade, inputs: &Inputs) -> Result<Validated,
     if !problems.is_empty() {
         return Err(problems);
     }
-    let ((user, password), (host, port, selector, target_port), max_pause) = (
+    let ((user, password), (host, port, selector, target_port), max_pause, rollback_window) = (
         credentials.expect("checked"),
         address.expect("checked"),
         max_pause.expect("checked"),
+        rollback_window.expect("checked"),
     );
     Ok(Validated {
         upgrade: upgrade.clone(),
@@ -151,6 +157,7 @@ pub fn validate(upgrade: &PostgresUpgrade, inputs: &Inputs) -> Result<Validated,
         },
         target_host,
         max_pause,
+        rollback_window,
     })
 }
 
@@ -265,6 +272,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
             "{text:?}: unit {unit:?} is not ms or s; write e.g. 2s or 500ms"
         )),
     }
+}
+
+/// `24h`, `1h30m`, `90s`, or `0` (the CRD's pattern): hours, minutes and seconds, in that order.
+pub fn parse_window(text: &str) -> Result<Duration, Problem> {
+    let wrong = || {
+        format!("{text:?} is not a duration such as 24h, 90m, 1h30m or 30s (0: no rollback window)")
+    };
+    match text {
+        "0" => return Ok(Duration::ZERO),
+        "" => return Err(wrong()),
+        _ => {}
+    }
+    let mut seconds: u64 = 0;
+    let mut rest = text;
+    let mut units = ['h', 'm', 's'].as_slice();
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(wrong)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| wrong())?;
+        let unit = rest[digits..].chars().next().ok_or_else(wrong)?;
+        let at = units.iter().position(|u| *u == unit).ok_or_else(wrong)?;
+        let scale = [3600, 60, 1][3 - units.len() + at];
+        seconds = n
+            .checked_mul(scale)
+            .and_then(|s| s.checked_add(seconds))
+            .ok_or_else(wrong)?;
+        units = &units[at + 1..];
+        rest = &rest[digits + 1..];
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 #[cfg(test)]
@@ -400,6 +436,30 @@ pub(crate) mod tests {
             BTreeMap::from([("app".into(), "db".into())])
         );
         assert_eq!(v.source.target_port, json!(15432));
+    }
+
+    #[test]
+    fn the_rollback_window_defaults_to_a_day_and_reads_as_the_crds_pattern() {
+        let upgrade: PostgresUpgrade = fixture("upgrade-pgbouncer.yaml");
+        let v = validate(&upgrade, &inputs()).unwrap();
+        assert_eq!(v.rollback_window, Duration::from_secs(24 * 3600));
+        let windowed: PostgresUpgrade = fixture("upgrade-rollback.yaml");
+        let v = validate(&windowed, &inputs()).unwrap();
+        assert_eq!(v.rollback_window, Duration::from_secs(90 * 60));
+        assert!(v.upgrade.spec.rollback.requested);
+        for (text, seconds) in [("0", 0), ("30s", 30), ("1h30m", 5400), ("2h15s", 7215)] {
+            assert_eq!(
+                parse_window(text),
+                Ok(Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for wrong in ["", "24", "1d", "30s1m", "1h1h", "m", "-1h"] {
+            assert!(
+                parse_window(wrong).unwrap_err().contains("such as 24h"),
+                "{wrong:?}"
+            );
+        }
     }
 
     #[test]

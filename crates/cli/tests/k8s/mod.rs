@@ -578,6 +578,23 @@ pub async fn fenced(target: &tokio_postgres::Client) -> bool {
         .get(0)
 }
 
+/// pgshift's replication objects on the server `app` (a session in database `app`) is on:
+/// every replication slot (the tests make none of their own), and pgshift's subscriptions
+/// and publications.
+pub async fn replication_objects(app: &tokio_postgres::Client) -> Vec<String> {
+    let mut objects = Vec::new();
+    for query in [
+        "SELECT 'slot ' || slot_name FROM pg_replication_slots",
+        "SELECT 'subscription ' || subname FROM pg_subscription WHERE subname LIKE 'pgshift%'",
+        "SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgshift%'",
+    ] {
+        for row in app.query(query, &[]).await.unwrap() {
+            objects.push(row.get::<_, String>(0));
+        }
+    }
+    objects
+}
+
 /// `kubectl get`'s layout of a Table.
 pub fn render_table(table: &serde_json::Value) -> String {
     let names: Vec<String> = table["columnDefinitions"]
@@ -629,13 +646,24 @@ pub fn render_table(table: &serde_json::Value) -> String {
         .join("\n")
 }
 
-/// The major version of the server a session is on.
+/// The major version of the server a session is on. One simple-query message, as the ledger's
+/// clients send: through PgBouncer in transaction mode a prepared statement's parse and its
+/// execution can land on two server connections (the operator's PgBouncer sets no
+/// `max_prepared_statements`).
 pub async fn major(client: &tokio_postgres::Client) -> i32 {
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let rows = client
+        .simple_query("SELECT current_setting('server_version_num')")
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let version: i32 = rows
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+            _ => None,
+        })
+        .expect("a row")
+        .parse()
+        .unwrap();
     version / 10000
 }
 
