@@ -439,25 +439,22 @@ async fn certificate_problems_are_refused_by_name_with_the_fix_and_change_nothin
     .await;
 }
 
-#[tokio::test]
-async fn a_client_certificate_logs_in_where_pg_hba_asks_for_one() {
-    let (pair, pki) = tls_pair().await;
-    pair.source.create_database("app").await.unwrap();
+/// The source URL of [`CERT_USER`], a superuser who logs in with a client certificate from
+/// the test's CA and has no password.
+async fn cert_login(pair: &Pair, pki: &Pki) -> String {
     common::exec(
         &pair.source,
         "postgres",
         &format!("CREATE ROLE {CERT_USER} SUPERUSER LOGIN"),
     )
     .await;
-    let pgpass = pgpass(&pair, None);
     let client = write_pair(
         pair.dir.path(),
         "client",
         &pki.authority.issue_client(CERT_USER).unwrap(),
     )
     .unwrap();
-    let target = url(&pair.target, "postgres", &pki.verify_full());
-    let with_cert = url(
+    url(
         &pair.source,
         CERT_USER,
         &format!(
@@ -466,7 +463,47 @@ async fn a_client_certificate_logs_in_where_pg_hba_asks_for_one() {
             client.cert.display(),
             client.key.display()
         ),
+    )
+}
+
+#[tokio::test]
+async fn a_source_reached_by_client_certificate_is_subscribed_to_without_a_password() {
+    let (pair, pki) = tls_pair().await;
+    ledger_database(&pair).await;
+    let with_cert = cert_login(&pair, &pki).await;
+    let pgpass = pgpass(&pair, None);
+    let target = url(&pair.target, "postgres", &pki.verify_full());
+    succeeds(
+        &pgpass,
+        &[
+            "run",
+            "--source",
+            &with_cert,
+            "--target",
+            &target,
+            "--pg-bin-dir",
+            TOOLS,
+            "--cutover",
+            "manual",
+        ],
     );
+    // The target caught up through it: its subscription logs in by the certificate.
+    subscription_verifies_full(&pair.target, "forward", &pki).await;
+    let conninfo = subscription_conninfos(&pair.target).await.remove(0);
+    assert!(
+        conninfo.contains(&format!("user='{CERT_USER}'")) && conninfo.contains("sslkey="),
+        "{conninfo}"
+    );
+    assert!(!conninfo.contains("password"), "{conninfo}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_logs_in_where_pg_hba_asks_for_one() {
+    let (pair, pki) = tls_pair().await;
+    pair.source.create_database("app").await.unwrap();
+    let with_cert = cert_login(&pair, &pki).await;
+    let pgpass = pgpass(&pair, None);
+    let target = url(&pair.target, "postgres", &pki.verify_full());
     let checked = check(&pgpass, &with_cert, &target);
     let said = text(&checked);
     assert!(said.contains("ready: no blockers"), "{said}");
