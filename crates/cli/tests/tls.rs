@@ -422,6 +422,23 @@ async fn certificate_problems_are_refused_by_name_with_the_fix_and_change_nothin
         &["certificate expired at 2021-01-01", "Renew"],
     )
     .await;
+    // Without TLS, the TLS-only server has no pg_hba.conf line for pgshift: the error says
+    // to connect with TLS.
+    let without_tls = url(&pair.source, "postgres", "sslmode=disable");
+    refused(
+        &pair,
+        &pgpass,
+        &without_tls,
+        &good_target,
+        2,
+        &[
+            "pg_hba.conf",
+            "hostssl",
+            "sslmode=verify-full",
+            "sslmode=disable connected without TLS",
+        ],
+    )
+    .await;
     // verify-full without a root certificate anywhere: a usage error before any connection.
     let no_root = url(&pair.target, "postgres", "sslmode=verify-full");
     refused(

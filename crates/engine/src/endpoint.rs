@@ -280,7 +280,7 @@ impl Endpoint {
                 }
                 Attempt::Driver(e) => match tls::classify(&e, &self.host, &self.tls) {
                     (kind, Some(problem)) => (kind, self.tls_error(problem)),
-                    (kind, None) => (kind, self.connect_error(connect_hint(&e, self))),
+                    (kind, None) => (kind, self.connect_error(connect_hint(&e, self, transport))),
                 },
             };
             match tls::retry(mode, transport, kind) {
@@ -446,9 +446,24 @@ where
 }
 
 /// Turns a driver error at connect time into a sentence that says what to check.
-fn connect_hint(error: &tokio_postgres::Error, endpoint: &Endpoint) -> String {
+fn connect_hint(
+    error: &tokio_postgres::Error,
+    endpoint: &Endpoint,
+    transport: Transport,
+) -> String {
     if let Some(db) = error.as_db_error() {
         return match *db.code() {
+            // pg_hba.conf has no line for this client: a TLS-only server (hostssl) has none
+            // for a connection without TLS.
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION if transport == Transport::Plain => {
+                format!(
+                    "{}; allow this client in pg_hba.conf of that server, or, if it accepts only \
+                     TLS connections (hostssl lines), connect with TLS: sslmode=verify-full with \
+                     sslrootcert (sslmode={} connected without TLS)",
+                    db.message(),
+                    endpoint.tls.mode()
+                )
+            }
             SqlState::INVALID_PASSWORD => format!(
                 "{}; check the password in your pgpass file (PGPASSFILE or --password-file) or PGPASSWORD",
                 db.message()
