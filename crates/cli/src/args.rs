@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pgshift_engine::tls::TlsSettings;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,6 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "Upgrade a live PostgreSQL to a new major version: logical replication, then a cutover that pauses writes for milliseconds.\n\n\
 Passwords are never given on the command line or in a URL: pgshift reads them from --password-file, PGPASSFILE \
 or ~/.pgpass (pgpass format: host:port:database:user:password, mode 0600) or from PGPASSWORD.\n\n\
+TLS is libpq's: sslmode (disable, allow, prefer, require, verify-ca, verify-full; default prefer), sslrootcert, \
+sslcert and sslkey in a URL (postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem) or from PGSSLMODE, \
+PGSSLROOTCERT, PGSSLCERT and PGSSLKEY; they reach pg_dump, psql and the subscriptions too.\n\n\
 Exit codes:\n  \
 0   done, or ready (check)\n  \
 1   blocked (preflight found blockers; nothing was changed) or failed\n  \
@@ -124,6 +128,13 @@ pub struct Common {
     /// host:port the source server uses to reach the target (the rollback window), if not the target URL's.
     #[arg(long, value_parser = parse_address)]
     pub target_address_from_source: Option<(String, u16)>,
+    /// TLS settings the target server uses to reach the source (its subscription), if not pgshift's:
+    /// e.g. "sslmode=verify-full sslrootcert=/etc/ssl/source-ca.pem", paths on the target's machine.
+    #[arg(long, value_parser = parse_tls, value_name = "PARAMS")]
+    pub source_tls_from_target: Option<TlsSettings>,
+    /// TLS settings the source server uses to reach the target (the rollback window), if not pgshift's.
+    #[arg(long, value_parser = parse_tls, value_name = "PARAMS")]
+    pub target_tls_from_source: Option<TlsSettings>,
     #[command(flatten)]
     pub pgbouncer: PgbouncerArgs,
     /// Print JSON instead of text.
@@ -207,6 +218,10 @@ pub struct DemoArgs {
     /// Print one JSON object with the figures.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_tls(text: &str) -> Result<TlsSettings, String> {
+    TlsSettings::parse_conninfo(text)
 }
 
 fn parse_address(text: &str) -> Result<(String, u16), String> {

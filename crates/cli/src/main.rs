@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use pgshift_engine::pgbouncer::PgbouncerTarget;
+use pgshift_engine::tls::TlsSettings;
 use pgshift_engine::{
     CutoverMode, Databases, Endpoint, Error, PasswordSources, Plan, Side, Traffic, Upgrade,
 };
@@ -293,8 +294,12 @@ fn print_json(report: &impl serde::Serialize) -> anyhow::Result<()> {
 /// environment. Cutovers run a fence guard: this binary's hidden `__fence-guard` command.
 pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     let passwords = PasswordSources::from_env(common.password_file.clone());
-    let source = Endpoint::parse(Side::Source, &common.source, &passwords)?;
-    let target = Endpoint::parse(Side::Target, &common.target, &passwords)?;
+    let tls_env = TlsSettings::from_env().map_err(|problem| Error::InvalidInput {
+        what: "TLS setting".into(),
+        problem,
+    })?;
+    let source = Endpoint::parse(Side::Source, &common.source, &passwords, &tls_env)?;
+    let target = Endpoint::parse(Side::Target, &common.target, &passwords, &tls_env)?;
     let mut plan = Plan::new(source, target);
     plan.command = command.to_string();
     plan.fence_guard = Some(
@@ -311,13 +316,15 @@ pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     plan.pg_bin_dir = common.pg_bin_dir.clone();
     plan.source_address_for_target = common.source_address_from_target.clone();
     plan.target_address_for_source = common.target_address_from_source.clone();
+    plan.source_tls_for_target = common.source_tls_from_target.clone();
+    plan.target_tls_for_source = common.target_tls_from_source.clone();
     // Clap requires --pgbouncer and --pgbouncer-config together.
     if let (Some(admin), Some(config_path)) = (
         &common.pgbouncer.pgbouncer,
         &common.pgbouncer.pgbouncer_config,
     ) {
         plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget {
-            admin: Endpoint::parse(Side::Pgbouncer, admin, &passwords)?,
+            admin: Endpoint::parse(Side::Pgbouncer, admin, &passwords, &tls_env)?,
             config_path: config_path.clone(),
             entries: common.pgbouncer.pgbouncer_db.clone(),
             source_address: None,

@@ -395,7 +395,8 @@ async fn pg_variables_in_pgshifts_environment_do_not_reach_the_tools() {
         &[
             ("PGPASSWORD", "stale-password"),
             ("PGSERVICE", "pgshift-no-such-service"),
-            ("PGSSLMODE", "require"),
+            // PGSSLMODE is pgshift's own setting now (tests/tls.rs); this one libpq 14+ reads.
+            ("PGTARGETSESSIONATTRS", "standby"),
             ("PGOPTIONS", "-c default_transaction_read_only=on"),
             ("PGPASSFILE", "/nonexistent/pgpass"),
         ],

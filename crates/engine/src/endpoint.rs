@@ -5,9 +5,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio::net::TcpStream;
+use tokio_postgres::config::{SslMode as DriverSslMode, SslNegotiation};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::{CancelToken, Client, NoTls};
 
 use crate::error::{Error, Result, Side};
+use crate::tls::{self, Negotiate, TlsProblem, TlsSettings, Transport};
 
 /// A password that never shows up in Debug output or logs.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub struct Endpoint {
     /// server asks for a password and none was found (empty when the caller gave it).
     pub password_search: Vec<String>,
     pub connect_timeout: Duration,
+    /// libpq's sslmode, sslrootcert, sslcert and sslkey, as given (URL over environment).
+    pub tls: TlsSettings,
 }
 
 /// Where passwords come from, in libpq's order: a pgpass file, then PGPASSWORD.
@@ -154,13 +160,22 @@ impl Endpoint {
             password,
             password_search: Vec::new(),
             connect_timeout: Duration::from_secs(10),
+            tls: TlsSettings::default(),
         }
     }
 
     /// Parses a `postgres://user@host:port/db` URL (or `key=value` conninfo). A password in it is
-    /// refused: it would be visible in the process list.
-    pub fn parse(side: Side, url: &str, passwords: &PasswordSources) -> Result<Endpoint> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+    /// refused: it would be visible in the process list. Its TLS parameters win over
+    /// `tls_env` (the `PGSSL*` environment, [`TlsSettings::from_env`]).
+    pub fn parse(
+        side: Side,
+        url: &str,
+        passwords: &PasswordSources,
+        tls_env: &TlsSettings,
+    ) -> Result<Endpoint> {
+        let (url, tls_given) = tls::split_parameters(url)
+            .map_err(|problem| Error::invalid(format!("{side} URL"), problem))?;
+        let config = tokio_postgres::Config::from_str(&url).map_err(|e| {
             // The driver's Display leaves out the cause, which says what is wrong.
             let cause = std::error::Error::source(&e)
                 .map(|cause| format!(" ({cause})"))
@@ -215,6 +230,7 @@ impl Endpoint {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
+            tls: tls_env.clone().overridden_by(tls_given),
         })
     }
 
@@ -246,23 +262,149 @@ impl Endpoint {
         config
     }
 
-    /// Connects and spawns the connection's I/O task.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
-        let (client, connection) =
-            self.config()
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| Error::Connect {
-                    side: self.side,
-                    address: self.address(),
-                    reason: connect_hint(&e, self),
-                })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection closed");
+    /// Connects with libpq's sslmode semantics (a second attempt where `prefer` or `allow`
+    /// make one) and spawns the connection's I/O task.
+    pub async fn connect(&self) -> Result<Client> {
+        let mode = self.tls.mode();
+        let mut transport = tls::first_transport(mode);
+        let mut earlier: Option<Error> = None;
+        loop {
+            let failure = match self.attempt(transport).await {
+                Ok(client) => return Ok(client),
+                Err(failure) => failure,
+            };
+            let (kind, error) = match failure {
+                Attempt::Tls(problem) => (tls::Failure::Handshake, self.tls_error(problem)),
+                Attempt::Unreachable(reason) => {
+                    (tls::Failure::Unreachable, self.connect_error(reason))
+                }
+                Attempt::Driver(e) => match tls::classify(&e, &self.host, &self.tls) {
+                    (kind, Some(problem)) => (kind, self.tls_error(problem)),
+                    (kind, None) => (kind, self.connect_error(connect_hint(&e, self, transport))),
+                },
+            };
+            match tls::retry(mode, transport, kind) {
+                Some(next) if earlier.is_none() => {
+                    earlier = Some(error);
+                    transport = next;
+                }
+                _ => return Err(self.both_attempts(earlier, error)),
             }
-        });
-        Ok(client)
+        }
+    }
+
+    /// One connection attempt over `transport`, bounded by the connect timeout.
+    async fn attempt(&self, transport: Transport) -> std::result::Result<Client, Attempt> {
+        let negotiate = match transport {
+            Transport::Plain => None,
+            Transport::Tls => Some(self.negotiate().map_err(Attempt::Tls)?),
+        };
+        let connecting = async {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| {
+                    Attempt::Unreachable(format!(
+                        "{e}; check that the server runs and the host and port are right"
+                    ))
+                })?;
+            // As tokio-postgres sets it for its own sockets: small messages go out at once.
+            let _ = stream.set_nodelay(true);
+            let mut config = self.config();
+            let client = match negotiate {
+                None => {
+                    let (client, connection) = config
+                        .ssl_mode(DriverSslMode::Disable)
+                        .connect_raw(stream, NoTls)
+                        .await
+                        .map_err(Attempt::Driver)?;
+                    spawn_connection(connection);
+                    client
+                }
+                // pgshift sends the TLS request itself (`Negotiate`): the driver starts with the
+                // handshake, as it does for direct TLS.
+                Some(negotiate) => {
+                    let (client, connection) = config
+                        .ssl_mode(DriverSslMode::Require)
+                        .ssl_negotiation(SslNegotiation::Direct)
+                        .connect_raw(stream, negotiate)
+                        .await
+                        .map_err(Attempt::Driver)?;
+                    spawn_connection(connection);
+                    client
+                }
+            };
+            Ok(client)
+        };
+        match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(result) => result,
+            Err(_) => Err(Attempt::Unreachable(format!(
+                "timed out after {:?}; check that the server runs and the host and port are right",
+                self.connect_timeout
+            ))),
+        }
+    }
+
+    /// The TLS request and handshake as this endpoint's settings want them.
+    fn negotiate(&self) -> std::result::Result<Negotiate, TlsProblem> {
+        let config = tls::client_config(&self.tls)?;
+        Ok(Negotiate::new(Some(config), &self.host, self.tls.mode()))
+    }
+
+    /// Asks the server to cancel what a session of this endpoint runs, the way the session
+    /// itself was connected (with TLS if it has TLS). Best effort: a lost request changes nothing.
+    pub async fn cancel(&self, token: CancelToken) {
+        let Ok(stream) = TcpStream::connect((self.host.as_str(), self.port)).await else {
+            return;
+        };
+        // The token knows whether its session has TLS; a plain one never uses `negotiate`.
+        let negotiate = self
+            .negotiate()
+            .unwrap_or_else(|_| Negotiate::new(None, &self.host, self.tls.mode()));
+        let cancelling = token.cancel_query_raw(stream, negotiate);
+        let _ = tokio::time::timeout(self.connect_timeout, cancelling).await;
+    }
+
+    fn tls_error(&self, problem: TlsProblem) -> Error {
+        Error::Tls {
+            side: self.side,
+            address: self.address(),
+            problem,
+        }
+    }
+
+    fn connect_error(&self, reason: String) -> Error {
+        Error::Connect {
+            side: self.side,
+            address: self.address(),
+            reason,
+        }
+    }
+
+    /// The error of a connection that took two attempts: a TLS problem of the first is the
+    /// cause (`prefer` went on without TLS and met a server that wants it); otherwise both.
+    fn both_attempts(&self, earlier: Option<Error>, last: Error) -> Error {
+        match (earlier, last) {
+            (None, last) => last,
+            (Some(tls @ Error::Tls { .. }), _) => tls,
+            (Some(_), tls @ Error::Tls { .. }) => tls,
+            (Some(first), last) => {
+                let reason = |e: Error| match e {
+                    Error::Connect { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                let transports = match tls::first_transport(self.tls.mode()) {
+                    Transport::Tls => ("with TLS", "without TLS"),
+                    Transport::Plain => ("without TLS", "with TLS"),
+                };
+                self.connect_error(format!(
+                    "{}: {}; then {}: {}",
+                    transports.0,
+                    reason(first),
+                    transports.1,
+                    reason(last)
+                ))
+            }
+        }
     }
 
     /// A libpq conninfo string for this endpoint, as the target's subscription uses it to reach
@@ -275,6 +417,7 @@ impl Endpoint {
             format!("user={}", conninfo_value(&self.user)),
             "application_name=pgshift".to_string(),
         ];
+        parts.extend(self.tls.conninfo_params());
         if let Some(password) = &self.password {
             parts.push(format!("password={}", conninfo_value(password.expose())));
         }
@@ -282,10 +425,45 @@ impl Endpoint {
     }
 }
 
+/// How one connection attempt failed.
+enum Attempt {
+    /// pgshift's own TLS settings cannot be used (a file, a missing root certificate).
+    Tls(TlsProblem),
+    /// No TCP connection, or no answer within the timeout.
+    Unreachable(String),
+    Driver(tokio_postgres::Error),
+}
+
+fn spawn_connection<T>(connection: tokio_postgres::Connection<TcpStream, T>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "connection closed");
+        }
+    });
+}
+
 /// Turns a driver error at connect time into a sentence that says what to check.
-fn connect_hint(error: &tokio_postgres::Error, endpoint: &Endpoint) -> String {
+fn connect_hint(
+    error: &tokio_postgres::Error,
+    endpoint: &Endpoint,
+    transport: Transport,
+) -> String {
     if let Some(db) = error.as_db_error() {
         return match *db.code() {
+            // pg_hba.conf has no line for this client: a TLS-only server (hostssl) has none
+            // for a connection without TLS.
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION if transport == Transport::Plain => {
+                format!(
+                    "{}; allow this client in pg_hba.conf of that server, or, if it accepts only \
+                     TLS connections (hostssl lines), connect with TLS: sslmode=verify-full with \
+                     sslrootcert (sslmode={} connected without TLS)",
+                    db.message(),
+                    endpoint.tls.mode()
+                )
+            }
             SqlState::INVALID_PASSWORD => format!(
                 "{}; check the password in your pgpass file (PGPASSFILE or --password-file) or PGPASSWORD",
                 db.message()
@@ -327,7 +505,9 @@ fn connect_hint(error: &tokio_postgres::Error, endpoint: &Endpoint) -> String {
 fn refused_to_log_in(error: &tokio_postgres::Error) -> bool {
     !error.is_closed()
         && std::error::Error::source(error).is_some_and(|cause| {
-            !cause.is::<std::io::Error>() && !cause.is::<tokio_postgres::error::DbError>()
+            !cause.is::<std::io::Error>()
+                && !cause.is::<tokio_postgres::error::DbError>()
+                && !cause.is::<tls::NegotiationError>()
         })
 }
 
@@ -384,6 +564,12 @@ fn split_pgpass_line(line: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::SslMode;
+
+    /// Parses with no TLS environment.
+    fn parse(side: Side, url: &str, passwords: &PasswordSources) -> Result<Endpoint> {
+        Endpoint::parse(side, url, passwords, &TlsSettings::default())
+    }
 
     fn no_passwords() -> PasswordSources {
         PasswordSources::default()
@@ -400,7 +586,7 @@ mod tests {
 
     #[test]
     fn url_with_password_is_refused() {
-        let err = Endpoint::parse(
+        let err = parse(
             Side::Source,
             "postgres://app:secret@db:5432/app",
             &no_passwords(),
@@ -412,7 +598,7 @@ mod tests {
 
     #[test]
     fn url_parts_are_read() {
-        let e = Endpoint::parse(
+        let e = parse(
             Side::Target,
             "postgres://app@db.example:6543/shop",
             &no_passwords(),
@@ -451,9 +637,9 @@ mod tests {
             pgpassword_env: Some(Secret::new("from-env")),
             ..Default::default()
         };
-        let e = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
+        let e = parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
         assert_eq!(e.password.unwrap().expose(), "from-file");
-        let e = Endpoint::parse(Side::Source, "postgres://other@db/shop", &sources).unwrap();
+        let e = parse(Side::Source, "postgres://other@db/shop", &sources).unwrap();
         assert_eq!(e.password.unwrap().expose(), "from-env");
     }
 
@@ -463,7 +649,7 @@ mod tests {
             password_file: Some("/nonexistent/pgpass".into()),
             ..Default::default()
         };
-        let err = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
+        let err = parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
         assert!(matches!(err, Error::PasswordFileUnreadable { .. }), "{err}");
         assert!(err.is_usage());
     }
@@ -475,7 +661,7 @@ mod tests {
             pgpassfile_env: Some(file.clone()),
             ..Default::default()
         };
-        let err = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
+        let err = parse(Side::Source, "postgres://app@db/shop", &sources).unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -502,7 +688,7 @@ mod tests {
             home_pgpass: Some("/nonexistent/.pgpass".into()),
             ..Default::default()
         };
-        let e = Endpoint::parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
+        let e = parse(Side::Source, "postgres://app@db/shop", &sources).unwrap();
         assert_eq!(e.password, None);
         assert_eq!(
             e.password_search,
@@ -519,6 +705,42 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_of_the_url_win_over_the_environment_and_reach_the_conninfo() {
+        let env = TlsSettings {
+            mode: Some(SslMode::Require),
+            root_cert: Some("/env/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = Endpoint::parse(
+            Side::Source,
+            "postgres://app@db/shop?sslmode=verify-full&connect_timeout=3",
+            &no_passwords(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(e.tls.mode, Some(SslMode::VerifyFull));
+        assert_eq!(e.tls.root_cert, Some(PathBuf::from("/env/ca.pem")));
+        assert_eq!(e.connect_timeout, Duration::from_secs(3));
+        assert!(
+            e.conninfo().ends_with(
+                "application_name=pgshift sslmode=verify-full sslrootcert='/env/ca.pem'"
+            ),
+            "{}",
+            e.conninfo()
+        );
+        let err = parse(
+            Side::Target,
+            "postgres://app@db/shop?sslmode=verify",
+            &no_passwords(),
+        )
+        .unwrap_err();
+        assert!(
+            err.is_usage() && err.to_string().contains("verify-full"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn conninfo_quotes_values_by_libpq_rules() {
         assert_eq!(conninfo_value("it's a \\ test"), "'it\\'s a \\\\ test'");
         let e = Endpoint {
@@ -530,6 +752,7 @@ mod tests {
             password: Some(Secret::new("p'w")),
             password_search: Vec::new(),
             connect_timeout: Duration::from_secs(1),
+            tls: TlsSettings::default(),
         };
         assert_eq!(
             e.conninfo(),

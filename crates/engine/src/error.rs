@@ -60,6 +60,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A TLS problem connecting to a server (a certificate, a file, a server without TLS).
+    #[error("could not connect to the {side} at {address} over TLS: {problem}")]
+    Tls {
+        side: Side,
+        address: String,
+        problem: crate::tls::TlsProblem,
+    },
+
     #[error("{side}: {context}: {message}")]
     Sql {
         side: Side,
@@ -184,7 +192,11 @@ impl Error {
     /// A process exit code class (2): a server could not be reached or logged in to, or the
     /// connection to it was lost; the same command works once the server is reachable.
     pub fn is_connection(&self) -> bool {
-        matches!(self, Error::Connect { .. } | Error::ConnectionLost { .. })
+        match self {
+            Error::Connect { .. } | Error::ConnectionLost { .. } => true,
+            Error::Tls { problem, .. } => !problem.is_usage(),
+            _ => false,
+        }
     }
 
     /// A process exit code class (64): the invocation must change (an argument, a URL, a
@@ -196,7 +208,7 @@ impl Error {
                 | Error::PasswordInUrl { .. }
                 | Error::PasswordFileUnreadable { .. }
                 | Error::PasswordFileOpen { .. }
-        )
+        ) || matches!(self, Error::Tls { problem, .. } if problem.is_usage())
     }
 
     /// For a creation that failed because the object exists: that is success. After a crash,

@@ -10,6 +10,7 @@ use crate::decide::Policy;
 use crate::endpoint::Endpoint;
 use crate::error::Result;
 use crate::pgbouncer::PgbouncerTarget;
+use crate::tls::TlsSettings;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Databases {
@@ -84,6 +85,11 @@ pub struct Plan {
     /// Address the source uses to reach the target (the rollback window's subscription), when
     /// it differs from the target URL's.
     pub target_address_for_source: Option<(String, u16)>,
+    /// The TLS settings (sslmode, sslrootcert, …) of the target's subscription to the source,
+    /// as files on the target's machine; pgshift's own source settings when None.
+    pub source_tls_for_target: Option<TlsSettings>,
+    /// The same for the source's subscription to the target (the rollback window).
+    pub target_tls_for_source: Option<TlsSettings>,
     /// A switch starts only when every slot's lag is below this.
     pub max_lag_bytes: i64,
     /// Open the rollback window at the switch: the target publishes, the source subscribes.
@@ -116,6 +122,8 @@ impl Plan {
             schema_tools_in_target_image: false,
             source_address_for_target: None,
             target_address_for_source: None,
+            source_tls_for_target: None,
+            target_tls_for_source: None,
             max_lag_bytes: Policy::DEFAULT_MAX_LAG_BYTES,
             rollback_window: true,
             cutover_attempts: 3,
@@ -128,12 +136,22 @@ impl Plan {
 
     /// The conninfo the target's subscription uses to reach one source database.
     pub fn source_conninfo_for_target(&self, database: &str) -> String {
-        reached_as(&self.source, database, &self.source_address_for_target)
+        reached_as(
+            &self.source,
+            database,
+            &self.source_address_for_target,
+            &self.source_tls_for_target,
+        )
     }
 
     /// The conninfo the source's subscription (the rollback window) uses to reach the target.
     pub fn target_conninfo_for_source(&self, database: &str) -> String {
-        reached_as(&self.target, database, &self.target_address_for_source)
+        reached_as(
+            &self.target,
+            database,
+            &self.target_address_for_source,
+            &self.target_tls_for_source,
+        )
     }
 
     /// What was asked for, as the decision takes it (`rollback`: go back through the window).
@@ -147,11 +165,51 @@ impl Plan {
     }
 }
 
-fn reached_as(server: &Endpoint, database: &str, address: &Option<(String, u16)>) -> String {
+/// How the other server reaches `server`: its address and TLS settings where they differ
+/// from pgshift's.
+fn reached_as(
+    server: &Endpoint,
+    database: &str,
+    address: &Option<(String, u16)>,
+    tls: &Option<TlsSettings>,
+) -> String {
     let mut endpoint = server.with_dbname(database);
     if let Some((host, port)) = address {
         endpoint.host = host.clone();
         endpoint.port = *port;
     }
+    if let Some(tls) = tls {
+        endpoint.tls = tls.clone();
+    }
     endpoint.conninfo()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Side;
+
+    #[test]
+    fn each_subscription_gets_pgshifts_tls_settings_unless_its_own_are_given() {
+        let mut source = Endpoint::new(Side::Source, "old", 5432, "postgres", "app", None);
+        source.tls =
+            TlsSettings::parse_conninfo("sslmode=verify-full sslrootcert=/here/ca.pem").unwrap();
+        let mut target = Endpoint::new(Side::Target, "new", 5433, "postgres", "app", None);
+        target.tls = source.tls.clone();
+        let mut plan = Plan::new(source, target);
+        assert!(plan
+            .source_conninfo_for_target("app")
+            .ends_with("sslmode=verify-full sslrootcert='/here/ca.pem'"));
+        plan.source_tls_for_target = Some(
+            TlsSettings::parse_conninfo("sslmode=verify-ca sslrootcert=/there/ca.pem").unwrap(),
+        );
+        plan.target_address_for_source = Some(("new.internal".into(), 6000));
+        plan.target_tls_for_source = Some(TlsSettings::parse_conninfo("sslmode=require").unwrap());
+        assert!(plan
+            .source_conninfo_for_target("app")
+            .ends_with("sslmode=verify-ca sslrootcert='/there/ca.pem'"));
+        let back = plan.target_conninfo_for_source("app");
+        assert!(back.starts_with("host='new.internal' port=6000"), "{back}");
+        assert!(back.ends_with("sslmode=require"), "{back}");
+    }
 }

@@ -102,6 +102,12 @@ async fn a_broken_build_is_named_and_a_rerun_builds_only_what_is_missing() {
         "BEGIN READ WRITE; DELETE FROM codes WHERE id = -1; COMMIT",
     )
     .await;
+    // A build session of a killed run (its pg_restore outlived it) is ended before building.
+    let mut orphan = pair.target.config("app");
+    orphan.application_name("pgshift index build");
+    let (orphan, connection) = orphan.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let orphan = tokio::spawn(async move { orphan.batch_execute("SELECT pg_sleep(600)").await });
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = {
         let seen = seen.clone();
@@ -118,6 +124,12 @@ async fn a_broken_build_is_named_and_a_rerun_builds_only_what_is_missing() {
         .await
         .unwrap();
     assert_eq!(outcome.finished, Phase::ReadyForCutover);
+    let ended = orphan.await.unwrap().unwrap_err();
+    assert_eq!(
+        ended.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{ended}"
+    );
     let rebuilt = seen.lock().unwrap().clone();
     assert_eq!(rebuilt.len(), 1, "one round of builds: {rebuilt:?}");
     let rebuilt = &rebuilt[0];

@@ -55,6 +55,10 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// rcgen could not make a certificate.
+    #[error("cannot make a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+
     /// A caller-supplied option is unusable.
     #[error("invalid lab option: {0}")]
     InvalidOption(String),

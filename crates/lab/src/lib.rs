@@ -16,6 +16,7 @@ mod process;
 pub mod sample;
 mod server;
 pub mod testing;
+pub mod tls;
 
 pub use binaries::Binaries;
 pub use bouncer::{

@@ -7,13 +7,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, Config, SimpleQueryMessage};
 
 use crate::binaries::Binaries;
 use crate::error::{Error, Result};
 use crate::pgpass::PgpassEntry;
 use crate::process::{clean_env, log_tail, on_free_port, Identity, Supervised};
-use crate::{random_token, spawn_connection, HOST};
+use crate::tls::ServerTls;
+use crate::{random_token, HOST};
 
 /// The superuser every lab server is initialised with.
 pub const SUPERUSER: &str = "postgres";
@@ -68,6 +69,8 @@ pub struct ServerOptions {
     pub name: String,
     /// Settings applied on top of [`DEFAULT_SETTINGS`].
     pub settings: Vec<(String, String)>,
+    /// TLS: the server's certificate and what pg_hba.conf asks of clients; none when None.
+    pub tls: Option<ServerTls>,
 }
 
 impl ServerOptions {
@@ -78,7 +81,14 @@ impl ServerOptions {
             parent_dir: parent_dir.into(),
             name: name.into(),
             settings: Vec::new(),
+            tls: None,
         }
+    }
+
+    /// Serves TLS (the lab's own sessions then use it too).
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Adds (or overrides) one server setting.
@@ -140,7 +150,12 @@ impl PgServer {
     /// connections.
     pub async fn start(opts: ServerOptions) -> Result<PgServer> {
         validate_name(&opts.name)?;
-        let settings = merge_settings(DEFAULT_SETTINGS, &opts.settings)?;
+        let tls_settings = opts
+            .tls
+            .as_ref()
+            .map(ServerTls::settings)
+            .unwrap_or_default();
+        let settings = merge_settings(DEFAULT_SETTINGS, &[tls_settings, opts.settings].concat())?;
         let bin_dir = Binaries::locate()?.bin_dir(opts.major)?;
         let identity = Identity::for_servers()?;
         identity.prepare_parent(&opts.parent_dir)?;
@@ -152,7 +167,7 @@ impl PgServer {
 
         tracing::info!(name = %opts.name, major = opts.major, dir = %server_dir.display(), "initdb");
         initdb(&bin_dir, &server_dir, &data_dir, &password, &identity).await?;
-        configure_data_dir(&data_dir, &identity)?;
+        configure_data_dir(&data_dir, &identity, opts.tls.as_ref())?;
 
         let (name, settings_ref) = (&opts.name, &settings);
         let (bin_dir_ref, data_dir_ref, log_path_ref, password_ref, identity_ref) =
@@ -261,13 +276,9 @@ impl PgServer {
 
     /// Connects to `db` as the superuser; the connection task runs on the current runtime.
     pub async fn connect(&self, db: &str) -> Result<Client> {
-        let (client, connection) = self
-            .config(db)
-            .connect(NoTls)
+        crate::tls::connect(&self.config(db))
             .await
-            .map_err(|e| Error::pg(format!("cannot connect to {}", self.url(db)), e))?;
-        spawn_connection(connection);
-        Ok(client)
+            .map_err(|e| Error::pg(format!("cannot connect to {}", self.url(db)), e))
     }
 
     /// Creates database `name`.
@@ -550,13 +561,14 @@ async fn initdb(
 }
 
 /// Replaces pg_hba.conf and makes postgresql.conf include the lab's settings file.
-fn configure_data_dir(data_dir: &Path, identity: &Identity) -> Result<()> {
+fn configure_data_dir(data_dir: &Path, identity: &Identity, tls: Option<&ServerTls>) -> Result<()> {
     let hba = "# Written by pgshift-lab: TCP on loopback with passwords (scram-sha-256).\n\
                local all all trust\n\
                local replication all trust\n\
                host all all 127.0.0.1/32 scram-sha-256\n\
                host replication all 127.0.0.1/32 scram-sha-256\n";
-    identity.write_private_file(&data_dir.join("pg_hba.conf"), hba)?;
+    let hba = tls.map_or_else(|| hba.to_string(), ServerTls::pg_hba);
+    identity.write_private_file(&data_dir.join("pg_hba.conf"), &hba)?;
     let conf = data_dir.join("postgresql.conf");
     let mut file = OpenOptions::new()
         .append(true)
@@ -601,6 +613,9 @@ async fn launch(
         .stdout(log)
         .stderr(log_err);
     clean_env(&mut cmd);
+    // The server's own HOME, as a service account has one: its subscriptions' libpq looks for
+    // ~/.postgresql/ there, and the caller's home may be closed to the server's user.
+    cmd.env("HOME", data_dir);
     identity.apply(&mut cmd);
     let process = Supervised::spawn(cmd, libc::SIGQUIT, &format!("postgres-{name}"))?;
 
@@ -632,11 +647,8 @@ async fn wait_ready(
                 log_tail: log_tail(log_path, 20),
             });
         }
-        let last_error = match config.connect(NoTls).await {
-            Ok((client, connection)) => {
-                spawn_connection(connection);
-                return server_version(&client).await;
-            }
+        let last_error = match crate::tls::connect(&config).await {
+            Ok(client) => return server_version(&client).await,
             Err(e) => crate::describe(&e),
         };
         if started.elapsed() > READY_TIMEOUT {

@@ -13,7 +13,6 @@ mod recover;
 
 use futures_util::future::{try_join, try_join_all};
 use serde::Serialize;
-use tokio_postgres::Client;
 
 use crate::decide::Direction;
 use crate::error::{Error, Result};
@@ -148,7 +147,7 @@ async fn fenced_part(
         Ok(result) => result?.1,
         Err(_) => {
             for session in &sw.to.databases {
-                cancel(session).await;
+                sw.to.endpoint.cancel(session.cancel_token()).await;
             }
             return Err(clock.over("waiting for the marker row and copying sequences"));
         }
@@ -186,11 +185,4 @@ pub(crate) async fn apply_is_flowing(
         Err(Error::CutoverAborted { .. }) => Ok(false),
         Err(error) => Err(error),
     }
-}
-
-async fn cancel(client: &Client) {
-    let _ = client
-        .cancel_token()
-        .cancel_query(tokio_postgres::NoTls)
-        .await;
 }

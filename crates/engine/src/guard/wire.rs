@@ -11,6 +11,7 @@ use crate::endpoint::{Endpoint, Secret};
 use crate::error::Side;
 use crate::pgbouncer::PgbouncerTarget;
 use crate::plan::{Databases, Plan, Traffic};
+use crate::tls::TlsSettings;
 
 /// Everything the guard needs to release clients in the worker's place.
 #[derive(Serialize, Deserialize)]
@@ -61,6 +62,8 @@ pub(super) struct WireEndpoint {
     dbname: String,
     password: Option<String>,
     connect_timeout_ms: u64,
+    /// File paths, not their contents: the guard reads them as the worker did.
+    tls: TlsSettings,
 }
 
 impl From<&Endpoint> for WireEndpoint {
@@ -73,6 +76,7 @@ impl From<&Endpoint> for WireEndpoint {
             dbname: e.dbname.clone(),
             password: e.password.as_ref().map(|p| p.expose().to_string()),
             connect_timeout_ms: e.connect_timeout.as_millis() as u64,
+            tls: e.tls.clone(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl WireEndpoint {
             self.password.clone().map(Secret::new),
         );
         endpoint.connect_timeout = Duration::from_millis(self.connect_timeout_ms);
+        endpoint.tls = self.tls.clone();
         endpoint
     }
 }
@@ -136,4 +141,29 @@ pub(super) enum FromGuard {
     },
     /// It could not get ready: the worker must not raise the fence.
     Failed { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_crosses_the_pipe_with_its_tls_settings() {
+        let mut endpoint = Endpoint::new(
+            Side::Target,
+            "db",
+            5433,
+            "postgres",
+            "app",
+            Some(Secret::new("pw")),
+        );
+        endpoint.tls = TlsSettings::parse_conninfo(
+            "sslmode=verify-full sslrootcert=/ca.pem sslcert=/c.crt sslkey=/c.key",
+        )
+        .unwrap();
+        let line = serde_json::to_string(&WireEndpoint::from(&endpoint)).unwrap();
+        assert!(line.contains(r#""mode":"verify-full""#), "{line}");
+        let received: WireEndpoint = serde_json::from_str(&line).unwrap();
+        assert_eq!(received.endpoint(), endpoint);
+    }
 }

@@ -241,9 +241,10 @@ pub fn database_conninfo(database: &str) -> String {
 }
 
 /// The one connection string a child tool gets (`--dbname`), with everything pgshift resolved
-/// for the endpoint but the password (that comes from the in-memory pgpass file).
+/// for the endpoint but the password (that comes from the in-memory pgpass file): its TLS
+/// settings too, since the tools see no PGSSL* variable.
 fn tool_conninfo(endpoint: &Endpoint) -> String {
-    [
+    let mut parts = vec![
         database_conninfo(&endpoint.dbname),
         format!("host={}", conninfo_value(&endpoint.host)),
         format!("port={}", endpoint.port),
@@ -254,8 +255,9 @@ fn tool_conninfo(endpoint: &Endpoint) -> String {
             endpoint.connect_timeout.as_secs().max(1)
         ),
         "application_name=pgshift".to_string(),
-    ]
-    .join(" ")
+    ];
+    parts.extend(endpoint.tls.conninfo_params());
+    parts.join(" ")
 }
 
 /// SQL that ends the schema restore, in its transaction: pgshift's own objects and the step
@@ -449,6 +451,19 @@ mod tests {
              connect_timeout=1 application_name=pgshift"
         );
         assert_eq!(database_conninfo("a=b"), "dbname='a=b'");
+        let mut tls = endpoint("app", "secret");
+        tls.tls = crate::tls::TlsSettings::parse_conninfo(
+            "sslmode=verify-full sslrootcert=/ca.pem sslcert=/c.crt sslkey=/c.key",
+        )
+        .unwrap();
+        assert!(
+            tool_conninfo(&tls).ends_with(
+                "application_name=pgshift sslmode=verify-full sslrootcert='/ca.pem' \
+                 sslcert='/c.crt' sslkey='/c.key'"
+            ),
+            "{}",
+            tool_conninfo(&tls)
+        );
     }
 
     #[test]

@@ -179,13 +179,17 @@ pub async fn build_the_rest(
         let restore = tool(&tools.pg_restore, &[&passfile, &archive.file, &list])
             // The target database is read-only to everyone but pgshift.
             .env("PGOPTIONS", super::READ_WRITE_SESSION)
-            .env("PGAPPNAME", BUILD_APPLICATION)
             .args([
                 "--exit-on-error",
                 "--no-password",
                 &format!("--jobs={jobs}"),
                 &format!("--use-list={}", list.path()),
-                &format!("--dbname={}", tool_conninfo(target)),
+                // The last of a repeated conninfo key counts: the builds get their own name.
+                &format!(
+                    "--dbname={} application_name={}",
+                    tool_conninfo(target),
+                    crate::endpoint::conninfo_value(BUILD_APPLICATION)
+                ),
                 &archive.file.path(),
             ])
             .output();

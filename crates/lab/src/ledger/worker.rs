@@ -9,11 +9,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio_postgres::error::Severity;
-use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, Config, SimpleQueryMessage};
 
 use super::stats::ClientRecord;
 use super::{Outcome, Sample};
-use crate::spawn_connection;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
@@ -268,11 +267,8 @@ async fn connect(spec: &ClientSpec) -> Result<Client, String> {
     for config in spec.configs.iter() {
         let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
         let limit = spec.connect_timeout.saturating_mul(hosts);
-        match tokio::time::timeout(limit, config.connect(NoTls)).await {
-            Ok(Ok((client, connection))) => {
-                spawn_connection(connection);
-                return Ok(client);
-            }
+        match tokio::time::timeout(limit, crate::tls::connect(config)).await {
+            Ok(Ok(client)) => return Ok(client),
             Ok(Err(e)) => last_error = error_message(&e),
             Err(_) => last_error = format!("timed out after {limit:?}"),
         }
