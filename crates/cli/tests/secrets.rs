@@ -503,8 +503,19 @@ async fn a_target_role_that_may_not_silence_the_log_is_refused_on_every_major() 
         assert_eq!(logging(&blockers), None, "PostgreSQL {major}: {blockers:?}");
         // A plain role may not; the settings that would log are named (and the default
         // log_min_error_statement = error logs every failing statement).
-        let privileged = "log_statement, log_min_error_statement, log_min_duration_statement, \
-                          log_min_duration_sample, log_transaction_sample_rate";
+        // The sampling settings are 12+ (log_transaction_sample_rate) and 13+
+        // (log_min_duration_sample): an older server has nothing there to log with.
+        let privileged = match major {
+            ..=11 => "log_statement, log_min_error_statement, log_min_duration_statement",
+            12 => {
+                "log_statement, log_min_error_statement, log_min_duration_statement, \
+                   log_transaction_sample_rate"
+            }
+            _ => {
+                "log_statement, log_min_error_statement, log_min_duration_statement, \
+                  log_min_duration_sample, log_transaction_sample_rate"
+            }
+        };
         let blockers = check_blockers(&source, &server, &pgpass, "plain");
         let problem = logging(&blockers)
             .unwrap_or_else(|| panic!("PostgreSQL {major}: not refused: {blockers:?}"));
