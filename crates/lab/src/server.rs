@@ -1,6 +1,5 @@
 //! A real PostgreSQL server of a given major, run from the binary cache.
 
-use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,9 +66,7 @@ pub struct ServerOptions {
     pub parent_dir: PathBuf,
     /// Server name: its directory name and the label in logs.
     pub name: String,
-    /// Settings applied on top of [`DEFAULT_SETTINGS`]. One that this major does not have but
-    /// the newest installed major does (`log_min_duration_sample` on 10–12) is left out: the
-    /// server would refuse to start on it, and it has nothing to set there.
+    /// Settings applied on top of [`DEFAULT_SETTINGS`].
     pub settings: Vec<(String, String)>,
 }
 
@@ -143,14 +140,8 @@ impl PgServer {
     /// connections.
     pub async fn start(opts: ServerOptions) -> Result<PgServer> {
         validate_name(&opts.name)?;
-        let binaries = Binaries::locate()?;
-        let bin_dir = binaries.bin_dir(opts.major)?;
-        let settings = for_this_major(
-            merge_settings(DEFAULT_SETTINGS, &opts.settings)?,
-            opts.major,
-            &binaries,
-        )
-        .await?;
+        let settings = merge_settings(DEFAULT_SETTINGS, &opts.settings)?;
+        let bin_dir = Binaries::locate()?.bin_dir(opts.major)?;
         let identity = Identity::for_servers()?;
         identity.prepare_parent(&opts.parent_dir)?;
         let server_dir = opts.parent_dir.join(&opts.name);
@@ -332,12 +323,7 @@ impl PgServer {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let merged = for_this_major(
-            merge_settings(&current, &overrides)?,
-            self.major,
-            &Binaries::locate()?,
-        )
-        .await?;
+        let merged = merge_settings(&current, &overrides)?;
         write_lab_conf(&self.data_dir, self.port, &merged, &self.identity)?;
         self.settings = merged;
 
@@ -471,69 +457,6 @@ fn merge_settings(
         }
     }
     Ok(merged)
-}
-
-/// `settings` without those that `major` does not have but the newest installed major does
-/// (read from each binary's `postgres --describe-config`). A name neither knows stays, so that
-/// the server reports a misspelt setting; so does any with a dot (an extension's).
-async fn for_this_major(
-    settings: Vec<(String, String)>,
-    major: u32,
-    binaries: &Binaries,
-) -> Result<Vec<(String, String)>> {
-    let Some(newest) = binaries.available_majors().last().copied() else {
-        return Ok(settings);
-    };
-    if newest <= major {
-        return Ok(settings);
-    }
-    let this = setting_names(&binaries.bin_dir(major)?).await?;
-    let newer = setting_names(&binaries.bin_dir(newest)?).await?;
-    let (kept, left_out) = partition_by_major(settings, &this, &newer);
-    for (name, _) in &left_out {
-        tracing::info!(major, setting = %name, "left out: this major does not have the setting");
-    }
-    Ok(kept)
-}
-
-/// The settings a `postgres` binary knows, as `postgres --describe-config` lists them.
-async fn setting_names(bin_dir: &Path) -> Result<HashSet<String>> {
-    let program = bin_dir.join("postgres");
-    let mut cmd = Command::new(&program);
-    cmd.arg("--describe-config").stdin(Stdio::null());
-    clean_env(&mut cmd);
-    let output = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| Error::io(format!("cannot run {}", program.display()), e))?;
-    if !output.status.success() {
-        return Err(Error::Command {
-            program: format!("{} --describe-config", program.display()),
-            status: output.status.to_string(),
-            output: String::from_utf8_lossy(&output.stderr).into_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split('\t').next())
-        .filter(|name| !name.is_empty())
-        .map(str::to_string)
-        .collect())
-}
-
-/// Settings as name and value, in the order they are written.
-type Settings = Vec<(String, String)>;
-
-/// Splits `settings` into those to write and those a newer major has but this one lacks.
-fn partition_by_major(
-    settings: Settings,
-    this: &HashSet<String>,
-    newer: &HashSet<String>,
-) -> (Settings, Settings) {
-    settings
-        .into_iter()
-        .partition(|(name, _)| name.contains('.') || this.contains(name) || !newer.contains(name))
 }
 
 /// The lab configuration file's text.
@@ -782,36 +705,6 @@ mod tests {
                 ("work_mem".to_string(), "8MB".to_string()),
             ]
         );
-    }
-
-    #[test]
-    fn a_setting_only_newer_majors_have_is_left_out() {
-        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<HashSet<_>>();
-        let (this, newer) = (
-            names(&["wal_level"]),
-            names(&["wal_level", "log_min_duration_sample"]),
-        );
-        let setting = |name: &str| (name.to_string(), "1".to_string());
-        let (kept, left_out) = partition_by_major(
-            vec![
-                setting("wal_level"),
-                setting("log_min_duration_sample"),
-                setting("wal_levle"),
-                setting("pg_stat_statements.track"),
-            ],
-            &this,
-            &newer,
-        );
-        assert_eq!(
-            kept,
-            [
-                setting("wal_level"),
-                setting("wal_levle"),
-                setting("pg_stat_statements.track")
-            ],
-            "a misspelt name reaches the server, which reports it"
-        );
-        assert_eq!(left_out, [setting("log_min_duration_sample")]);
     }
 
     #[test]

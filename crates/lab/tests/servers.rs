@@ -80,35 +80,6 @@ async fn every_major_starts_answers_and_stops() {
 }
 
 #[tokio::test]
-async fn a_setting_the_major_lacks_is_left_out_and_a_misspelt_one_reaches_the_server() {
-    require_binaries();
-    let dir = tempfile::tempdir().unwrap();
-    let sampled = |major: u32, name: &str| {
-        ServerOptions::new(major, dir.path(), name).setting("log_min_duration_sample", "250")
-    };
-    let (old, new) = tokio::join!(
-        PgServer::start(sampled(10, "old")),
-        PgServer::start(sampled(18, "new"))
-    );
-    let (old, new) = (old.unwrap(), new.unwrap());
-    assert!(
-        !old.settings()
-            .iter()
-            .any(|(name, _)| name == "log_min_duration_sample"),
-        "PostgreSQL 10 has no log_min_duration_sample (13+): {:?}",
-        old.settings()
-    );
-    assert_eq!(show(&new, "log_min_duration_sample").await, "250ms");
-
-    let misspelt =
-        PgServer::start(ServerOptions::new(10, dir.path(), "typo").setting("wal_levle", "logical"))
-            .await
-            .unwrap_err()
-            .to_string();
-    assert!(misspelt.contains("wal_levle"), "{misspelt}");
-}
-
-#[tokio::test]
 async fn server_is_configured_for_logical_replication_over_loopback() {
     require_binaries();
     let dir = tempfile::tempdir().unwrap();
