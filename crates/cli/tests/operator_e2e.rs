@@ -1458,3 +1458,37 @@ async fn lock_holders(client: &tokio_postgres::Client) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// An old deployment: a `postgres:12` source (an md5 pg_hba.conf, as its image makes it) moves
+/// to `postgres:18` through PgBouncer while the ledger writes, with no failed or lost
+/// transaction; the clients' Service reaches 18 afterwards. Its roles have SCRAM passwords: the
+/// roles are copied with their hashes, and an md5 hash (12's default) cannot log in where 18's
+/// image requires scram-sha-256 (docs/user-guide.md, "Which versions").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_12_source_moves_to_18_with_no_failed_or_lost_transaction() {
+    let mut fx = Fixture::start(12, &["-c", "password_encryption=scram-sha-256"]).await;
+    // initdb hashed the superuser's password with md5: hash it again.
+    let superuser = fx
+        .connect("postgres", &fx.superuser_password, "postgres")
+        .await
+        .expect("the source answers");
+    superuser
+        .batch_execute(&format!(
+            "ALTER ROLE postgres PASSWORD '{}'",
+            fx.superuser_password
+        ))
+        .await
+        .unwrap();
+    fx.start_operator("operator-a");
+    let ledger = fx.ledger(4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fx.apply_upgrade("orders", spec("PgBouncer")).await;
+    fx.wait_for_phase("orders", Phase::Completed, Duration::from_secs(240))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_nothing_failed_or_lost(&fx, ledger).await;
+    assert_eq!(k8s::major(&fx.app().await).await, 18);
+    let status = fx.upgrades().get("orders").await.unwrap().status.unwrap();
+    assert!(status.source_version.as_deref().unwrap().starts_with("12."));
+    assert!(status.target_version.as_deref().unwrap().starts_with("18."));
+}

@@ -114,11 +114,11 @@ impl Upgrade {
                      its rows back to the source"
                 ));
             }
-            let failing = db
-                .back
-                .subscription
-                .as_ref()
-                .is_some_and(|s| s.errors > 0 || !s.worker_running);
+            // Counted errors only: an apply worker not running (yet) is no proof of failure. A
+            // source before 16 starts the workers of all its subscriptions at most once per
+            // wal_retrieve_retry_interval (5 s), so right after the switch some have none; the
+            // probe before the fence proves the stream, or names why it fails.
+            let failing = db.back.subscription.as_ref().is_some_and(|s| s.errors > 0);
             if failing {
                 causes.push(
                     observe::apply_failure_cause((target, Side::Target), (source, Side::Source))

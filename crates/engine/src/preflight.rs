@@ -187,6 +187,18 @@ pub fn evaluate(facts: &Facts) -> Report {
             "a major-version upgrade goes to the same or a newer major: point --target at a newer server".into(),
         );
     }
+    if target.major() < OLDEST_TARGET_MAJOR {
+        block(
+            "target_unsupported",
+            "target server".into(),
+            format!(
+                "runs PostgreSQL {}; pgshift upgrades to PostgreSQL {OLDEST_TARGET_MAJOR} or newer (it follows the \
+                 initial copy in pg_stat_progress_copy, {OLDEST_TARGET_MAJOR}+)",
+                target.version
+            ),
+            format!("point --target at a server of PostgreSQL {OLDEST_TARGET_MAJOR} or newer"),
+        );
+    }
     if source.wal_level != "logical" {
         block(
             "wal_level",
@@ -459,6 +471,7 @@ pub fn evaluate(facts: &Facts) -> Report {
             });
         }
     }
+    warnings.extend(old_source_warnings(facts));
     Report {
         source_version: source.version.clone(),
         target_version: target.version.clone(),
@@ -466,6 +479,48 @@ pub fn evaluate(facts: &Facts) -> Report {
         blockers,
         warnings,
     }
+}
+
+/// The oldest major pgshift upgrades to.
+pub const OLDEST_TARGET_MAJOR: i32 = 14;
+
+/// What a source of an old major does differently, with what to do about it. PostgreSQL 10
+/// neither sends TRUNCATE (its pgoutput has no such message; 11 added it) nor understands one
+/// sent to it: before the cutover a TRUNCATE on the source is silently not replicated, and in
+/// the rollback window one on the target stops the back stream's apply on the source.
+fn old_source_warnings(facts: &Facts) -> Vec<Finding> {
+    let source = &facts.source;
+    if source.major() >= 11 {
+        return Vec::new();
+    }
+    let mut warnings = vec![Finding {
+        code: "truncate_not_replicated",
+        object: "source server".into(),
+        problem: format!(
+            "runs PostgreSQL {}, which does not replicate TRUNCATE: a table truncated on the source before \
+             the cutover keeps its rows on the target",
+            source.version
+        ),
+        fix: "empty tables with DELETE until the cutover (DELETE is replicated); after a TRUNCATE on the source, \
+              run the same TRUNCATE on the target before the cutover (SET default_transaction_read_only = off \
+              first: pgshift keeps the target read-only)"
+            .into(),
+    }];
+    if facts.rollback_window {
+        warnings.push(Finding {
+            code: "window_truncate",
+            object: "source server".into(),
+            problem: format!(
+                "runs PostgreSQL {}, which cannot apply a TRUNCATE it receives: a TRUNCATE on the target during \
+                 the rollback window stops the back stream, and the source no longer follows the target",
+                source.version
+            ),
+            fix: "empty tables with DELETE on the target until `pgshift cleanup` ends the window, or switch without \
+                  a rollback window (--no-rollback-window)"
+                .into(),
+        });
+    }
+    warnings
 }
 
 /// What the rollback window needs: the target publishes (a logical slot and a WAL sender per
@@ -1096,6 +1151,47 @@ mod tests {
         assert!(report.blockers[0].fix.contains(
             "GRANT SET ON PARAMETER log_statement, log_min_error_statement TO \"postgres\""
         ));
+    }
+
+    #[test]
+    fn a_postgresql_10_source_warns_that_truncate_is_not_replicated_either_way() {
+        let mut f = facts();
+        f.source = server(100023);
+        let report = evaluate(&f);
+        assert!(report.ready(), "{:?}", report.blockers);
+        let warnings: Vec<&str> = report.warnings.iter().map(|w| w.code).collect();
+        assert_eq!(warnings, ["truncate_not_replicated", "window_truncate"]);
+        assert!(report.warnings[0]
+            .problem
+            .starts_with("runs PostgreSQL 10.1, which does not replicate TRUNCATE"));
+        assert!(report.warnings[0]
+            .fix
+            .contains("run the same TRUNCATE on the target"));
+        assert!(report.warnings[1].fix.contains("--no-rollback-window"));
+        f.rollback_window = false;
+        let warnings: Vec<&str> = evaluate(&f).warnings.iter().map(|w| w.code).collect();
+        assert_eq!(warnings, ["truncate_not_replicated"]);
+        for newer in [110022, 120022, 130023] {
+            f.source = server(newer);
+            assert!(evaluate(&f).warnings.is_empty(), "PostgreSQL {newer}");
+        }
+    }
+
+    #[test]
+    fn a_target_older_than_14_blocks() {
+        let mut f = facts();
+        f.source = server(100023);
+        f.target = server(130023);
+        f.tools.pg_dump_major = Some(13);
+        let report = evaluate(&f);
+        assert_eq!(codes(&report), ["target_unsupported"]);
+        assert_eq!(
+            report.blockers[0].fix,
+            "point --target at a server of PostgreSQL 14 or newer"
+        );
+        f.target = server(140020);
+        f.tools.pg_dump_major = Some(14);
+        assert!(evaluate(&f).ready(), "{:?}", evaluate(&f).blockers);
     }
 
     #[test]

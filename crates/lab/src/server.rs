@@ -61,7 +61,7 @@ const DROP_STEPS: &[(libc::c_int, Duration)] = &[
 /// What server to start and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
-    /// PostgreSQL major version (13..=18 in the cache).
+    /// PostgreSQL major version (10..=18 in the cache).
     pub major: u32,
     /// Directory under which the server's own directory `<parent_dir>/<name>` is created.
     pub parent_dir: PathBuf,

@@ -9,7 +9,7 @@ pub const MISSING_BINARIES: &str =
     "PostgreSQL binaries not found: run `cargo xtask test` (it installs them)";
 
 /// The majors the lab supports and tests cover.
-pub const MAJORS: std::ops::RangeInclusive<u32> = 13..=18;
+pub const MAJORS: std::ops::RangeInclusive<u32> = 10..=18;
 
 /// The binary cache with every supported major and PgBouncer present; panics with
 /// [`MISSING_BINARIES`] (and the cause) otherwise.

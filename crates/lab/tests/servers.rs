@@ -68,6 +68,10 @@ async fn every_major_starts_answers_and_stops() {
             );
             assert!(server.version().starts_with(&format!("{major}.")));
             assert_eq!(server.major(), major);
+            // Every major runs the lab's settings: the oldest have every one of them too.
+            assert_eq!(show(&server, "wal_level").await, "logical");
+            assert_eq!(show(&server, "password_encryption").await, "scram-sha-256");
+            assert_eq!(show(&server, "logging_collector").await, "on");
             drop(client);
             server.stop().await.unwrap();
         }

@@ -10,6 +10,35 @@ use tempfile::TempDir;
 
 pub const RICH_SCHEMA: &str = include_str!("../fixtures/rich_schema.sql");
 
+/// The rich schema as PostgreSQL `major` can hold it (the fixture's `--@N+` and `--@..N `
+/// markers; [`RICH_SCHEMA`] as it stands is what 13 and later hold).
+pub fn rich_schema(major: u32) -> String {
+    RICH_SCHEMA
+        .lines()
+        .filter_map(|line| line_for_major(line, major))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn line_for_major(line: &str, major: u32) -> Option<&str> {
+    let bound = |n: &str| -> u32 { n.parse().unwrap_or_else(|_| panic!("a major in: {line}")) };
+    if let Some(marked) = line.strip_prefix("--@..") {
+        let (upto, sql) = marked
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("--@..N and a line: {line}"));
+        return (major <= bound(upto)).then_some(sql);
+    }
+    match line.rsplit_once(" --@") {
+        Some((sql, from)) => {
+            let from = from
+                .strip_suffix('+')
+                .unwrap_or_else(|| panic!("--@N+ at the end: {line}"));
+            (major >= bound(from)).then_some(sql)
+        }
+        None => Some(line),
+    }
+}
+
 /// A source and a target server in one temporary directory.
 pub struct Pair {
     pub source: PgServer,

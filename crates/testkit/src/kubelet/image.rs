@@ -15,7 +15,7 @@ pub(crate) enum Image {
 pub(crate) const NEWEST_MAJOR: u32 = 18;
 
 /// The majors whose binaries the lab provides.
-const MAJORS: std::ops::RangeInclusive<u32> = 13..=NEWEST_MAJOR;
+const MAJORS: std::ops::RangeInclusive<u32> = 10..=NEWEST_MAJOR;
 
 impl Image {
     /// Parses an image reference; `Err` says why it cannot be run.
@@ -111,7 +111,15 @@ mod tests {
             err.contains("not supported by the pgshift process kubelet"),
             "{err}"
         );
+        assert_eq!(
+            Image::parse("postgres:10"),
+            Ok(Image::Postgres { major: 10 })
+        );
+        assert_eq!(
+            Image::parse("postgres:12.22-bullseye"),
+            Ok(Image::Postgres { major: 12 })
+        );
         let err = Image::parse("postgres:9.6").unwrap_err();
-        assert!(err.contains("postgres:13..18"), "{err}");
+        assert!(err.contains("postgres:10..18"), "{err}");
     }
 }
