@@ -16,7 +16,7 @@ pub enum Dataset {
     /// of it `history` and its primary key) and small tables `extra_N`.
     Sample,
     /// pgbench's tables (100,000 `pgbench_accounts` rows per scale unit) with a random
-    /// `abalance` and three secondary indexes on `pgbench_accounts` (1 scale unit ≈ 20 MB),
+    /// `abalance` and three secondary indexes on `pgbench_accounts` (1 scale unit ≈ 21 MB),
     /// with the sample at its smallest (1.3 MB) for the small tables `extra_N`.
     PgbenchIndexed,
 }
@@ -34,7 +34,7 @@ impl Dataset {
         match (self, quick) {
             (Dataset::Sample, false) => 770,
             (Dataset::Sample, true) => 40,
-            (Dataset::PgbenchIndexed, false) => 29,
+            (Dataset::PgbenchIndexed, false) => 28,
             (Dataset::PgbenchIndexed, true) => 2,
         }
     }

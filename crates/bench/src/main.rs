@@ -37,7 +37,7 @@ use crate::scaling::ScalingPoint;
     about = "pgshift against dump/restore, pgcopydb, pg_upgrade and unfenced logical replication"
 )]
 struct Args {
-    /// A small run: the smallest scale (sample: 40, ~50 MB; pgbench-indexed: 2, ~50 MB), 20
+    /// A small run: a small scale (sample: 40, ~50 MB; pgbench-indexed: 2, ~50 MB), 20
     /// extra tables, 3 s of load around each upgrade.
     #[arg(long)]
     quick: bool,
@@ -45,8 +45,8 @@ struct Args {
     /// indexes on pgbench_accounts, a random abalance and 200 small tables.
     #[arg(long = "data", value_enum, default_value_t = Dataset::Sample)]
     dataset: Dataset,
-    /// The data's scale. sample: 1 ≈ 1.3 MB, default 770 (~1 GB); pgbench-indexed: 1 ≈ 20 MB
-    /// (100,000 accounts), default 29 (~590 MB).
+    /// The data's scale. sample: 1 ≈ 1.3 MB, default 770 (~1 GB); pgbench-indexed: 1 ≈ 21 MB
+    /// (100,000 accounts), default 28 (~600 MB, issue 14's 588 MB).
     #[arg(long)]
     scale: Option<u32>,
     /// Concurrent ledger clients.
