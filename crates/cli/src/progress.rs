@@ -126,6 +126,28 @@ impl Progress {
             } => Some(format!(
                 "{database}: the initial copy has not moved for {stalled_for_s} s: {cause}"
             )),
+            Event::BuildingStructures {
+                database,
+                structures,
+                jobs,
+            } => Some(format!(
+                "{database}: building {} indexes and constraints, {jobs} at a time: {}",
+                structures.len(),
+                structures.join(", ")
+            )),
+            Event::IndexBuild {
+                database,
+                index,
+                phase,
+                done,
+                total,
+            } => Some(match total {
+                0 => format!("{database}: building {index} ({phase})"),
+                _ => format!(
+                    "{database}: building {index} ({phase} {:.0}%)",
+                    *done as f64 * 100.0 / *total as f64
+                ),
+            }),
             Event::CutoverStep { step, ms } => Some(format!("cutover: {step} {ms:.1} ms")),
             Event::CutoverAborted { reason } => Some(format!("cutover aborted: {reason}")),
             Event::Warning { message } => Some(format!("warning: {message}")),

@@ -42,8 +42,9 @@ impl Upgrade {
                 let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
                     .ok_or_else(|| Error::Tool("pg_dump not found; pass --pg-bin-dir".into()))?;
                 self.prepare_schema_copy(&name).await?;
-                schema::copy_schema(
+                schema::sections::copy_definitions(
                     &tools,
+                    &self.conns(&name).source,
                     &self.plan.source.with_dbname(&name),
                     &self.plan.target.with_dbname(&name),
                 )
@@ -105,6 +106,20 @@ impl Upgrade {
             Action::PrepareWindow => {
                 streams::create_back_publication(self.target_of(&name)).await?;
                 self.stream(db, Direction::Back).create_slot().await?;
+            }
+            Action::BuildIndexes => {
+                let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
+                    .ok_or_else(|| Error::Tool("pg_restore not found; pass --pg-bin-dir".into()))?;
+                schema::sections::build_the_rest(
+                    &tools,
+                    &self.conns(&name).source,
+                    self.target_of(&name),
+                    &self.plan.source.with_dbname(&name),
+                    &self.plan.target.with_dbname(&name),
+                    self.plan.jobs,
+                    &self.events,
+                )
+                .await?;
             }
             Action::Analyze => {
                 let target = self.target_of(&name);

@@ -105,6 +105,9 @@ pub enum Action {
     /// The stream toward the server that no longer serves, before the other one starts.
     DropStream(Direction),
     WaitForCopy,
+    /// After the initial copy: the indexes and constraints apply does not need, built in
+    /// sorted passes instead of row by row during the copy.
+    BuildIndexes,
     Analyze,
     /// Source serves, target in sync: ready for the forward switch.
     Synced,
@@ -141,6 +144,7 @@ impl Action {
             | Action::EnableSubscription(Direction::Forward)
             | Action::DropStream(Direction::Back)
             | Action::WaitForCopy
+            | Action::BuildIndexes
             | Action::Broken(_) => Phase::Replicate,
             Action::Analyze | Action::PrepareWindow => Phase::CatchUp,
             Action::Synced => Phase::ReadyForCutover,
@@ -201,6 +205,9 @@ fn before_switch(db: &Database, policy: &Policy) -> Action {
         }
         (Some(_), Some(sub)) if sub.tables_total == 0 || sub.tables_ready < sub.tables_total => {
             Action::WaitForCopy
+        }
+        (Some(_), Some(_)) if db.definitions_only && !db.has(crate::names::step::POST_DATA) => {
+            Action::BuildIndexes
         }
         (Some(_), Some(_)) if !db.has(crate::names::step::ANALYZED) => Action::Analyze,
         _ if policy.rollback_window && (!db.back.publication || db.back.slot.is_none()) => {
@@ -506,6 +513,33 @@ mod tests {
                 synced,
                 |d| d.forward.subscription = Some(copied(1)),
                 Action::WaitForCopy,
+            ),
+            (
+                "copied bare tables",
+                synced,
+                |d| {
+                    d.definitions_only = true;
+                    d.steps.retain(|s| s != step::ANALYZED);
+                },
+                Action::BuildIndexes,
+            ),
+            (
+                "copying bare tables",
+                synced,
+                |d| {
+                    d.definitions_only = true;
+                    d.forward.subscription = Some(copied(1));
+                },
+                Action::WaitForCopy,
+            ),
+            (
+                "indexes built",
+                synced,
+                |d| {
+                    d.definitions_only = true;
+                    d.steps = vec![step::SCHEMA.into(), step::POST_DATA.into()];
+                },
+                Action::Analyze,
             ),
             (
                 "not analyzed",

@@ -89,6 +89,11 @@ pub enum Error {
     #[error("{0}")]
     Tool(String),
 
+    #[error("building the indexes and constraints of database {database} on the target failed: {cause}. \
+             Those already built are kept. Fix the cause (rows on the target that break a unique index or a \
+             constraint were written there outside pgshift: delete them) and run again: the rest is built")]
+    StructureBuild { database: String, cause: String },
+
     #[error("the target database {database} already holds tables that pgshift did not create ({example}); \
              pgshift only restores into an empty database. Drop them or choose another target")]
     TargetNotEmpty { database: String, example: String },

@@ -50,6 +50,22 @@ pub enum Event {
         bytes_copied: i64,
         bytes_total: i64,
     },
+    /// After the initial copy: the indexes and constraints the target does not have yet,
+    /// about to be built (a rerun lists only what an interrupted one left).
+    BuildingStructures {
+        database: String,
+        structures: Vec<String>,
+        jobs: usize,
+    },
+    /// An index or constraint being built on the target after the initial copy.
+    IndexBuild {
+        database: String,
+        index: String,
+        /// `pg_stat_progress_create_index`'s phase.
+        phase: String,
+        done: i64,
+        total: i64,
+    },
     CatchUp {
         lag_bytes: i64,
         /// Source WAL written per second, and confirmed by the target per second: if the first

@@ -24,6 +24,7 @@ pub mod session;
 pub mod sql;
 pub mod stall;
 mod streams;
+pub mod toc;
 pub mod upgrade;
 
 pub use endpoint::{Endpoint, PasswordSources, Secret};

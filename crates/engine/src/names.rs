@@ -41,6 +41,9 @@ pub fn sync_slot_pattern(target_system_identifier: &str) -> String {
 pub mod step {
     pub const SCHEMA: &str = "schema";
     pub const ANALYZED: &str = "analyzed";
+    /// The indexes and constraints built after the initial copy (when the schema step copied
+    /// the table definitions only).
+    pub const POST_DATA: &str = "post_data";
     pub const SWITCHED: &str = "switched";
     pub const FENCED: &str = "fenced";
     /// A rollback's fence (on the target) is up.

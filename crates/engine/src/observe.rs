@@ -49,6 +49,9 @@ pub struct Database {
     pub target_exists: bool,
     /// Steps recorded in the target's state table.
     pub steps: Vec<String>,
+    /// The schema step restored the table definitions only: the other indexes and
+    /// constraints are built after the initial copy.
+    pub definitions_only: bool,
     /// When the switch moved this database's clients to the target, from the record that
     /// outlives cleanup (the comment on the target's `pgshift_meta` schema).
     pub switched_at: Option<String>,
@@ -175,6 +178,8 @@ pub async fn database(
                 .and_then(|(_, v)| v.clone())
         };
         db.back_from = value(step::BACK_FROM);
+        db.definitions_only =
+            value(step::SCHEMA).as_deref() == Some(crate::schema::sections::DEFINITIONS_ONLY);
         db.forward_from = value(step::FORWARD_FROM);
         db.steps = records.into_iter().map(|(s, _)| s).collect();
         db.switched_at = switch_record(target).await?;

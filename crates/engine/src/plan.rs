@@ -88,6 +88,8 @@ pub struct Plan {
     pub max_lag_bytes: i64,
     /// Open the rollback window at the switch: the target publishes, the source subscribes.
     pub rollback_window: bool,
+    /// Index and constraint builds run at a time after the initial copy (`pg_restore -j`).
+    pub jobs: usize,
     /// How many times an aborted cutover is tried again in one run.
     pub cutover_attempts: u32,
     /// pgshift's own binary, which runs the fence guard (`guard::SUBCOMMAND`) during each
@@ -117,6 +119,7 @@ impl Plan {
             max_lag_bytes: Policy::DEFAULT_MAX_LAG_BYTES,
             rollback_window: true,
             cutover_attempts: 3,
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             fence_guard: None,
             command: "engine".into(),
             copy_stall_after: Duration::from_secs(60),

@@ -79,7 +79,7 @@ async fn abort_after_each_step_restores_the_source() {
             break;
         }
     }
-    // Create database, schema, protect, marker, publication, slot, subscription, analyze, and
-    // the rollback window's publication and slot on the target.
-    assert_eq!(steps_done_in_full_run, Some(9));
+    // Create database, schema, protect, marker, publication, slot, subscription, the index
+    // builds, analyze, and the rollback window's publication and slot on the target.
+    assert_eq!(steps_done_in_full_run, Some(10));
 }

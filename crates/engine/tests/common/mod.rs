@@ -226,3 +226,41 @@ pub async fn caught_up(leader: &PgServer, follower: &PgServer, db: &str, table: 
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Every index, constraint, trigger and policy of a database's user schemas, as definitions
+/// (what pg_dump's post-data section holds): equal on both sides after an upgrade that built
+/// them after the initial copy.
+pub async fn structures(server: &PgServer, db: &str) -> Vec<String> {
+    let client = server.connect(db).await.expect("connect");
+    let user = "NOT IN ('pg_catalog', 'information_schema', 'pgshift_meta')";
+    let query = format!(
+        "SELECT 'index ' || schemaname || '.' || indexname || ': ' || indexdef FROM pg_indexes WHERE schemaname {user}
+         UNION ALL
+         SELECT 'constraint ' || n.nspname || '.' || t.relname || '.' || c.conname || ': ' || pg_get_constraintdef(c.oid)
+           || CASE WHEN c.convalidated THEN '' ELSE ' (not valid)' END
+         FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+         WHERE n.nspname {user} AND c.contype <> 'n' -- NOT NULL is a constraint of its own from 18 on
+         UNION ALL
+         SELECT 'trigger ' || tgrelid::regclass || '.' || tgname || ': ' || pg_get_triggerdef(oid)
+         FROM pg_trigger WHERE NOT tgisinternal
+         UNION ALL
+         SELECT 'policy ' || schemaname || '.' || tablename || '.' || policyname || ': ' || coalesce(qual, '')
+         FROM pg_policies WHERE schemaname {user}
+         UNION ALL
+         SELECT 'attached ' || inhrelid::regclass || ' to ' || inhparent::regclass FROM pg_inherits i
+         JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind IN ('i', 'I')
+         UNION ALL
+         SELECT 'replica identity ' || indrelid::regclass || ': ' || indexrelid::regclass FROM pg_index WHERE indisreplident
+         UNION ALL
+         SELECT 'comment on ' || objoid::regclass || ': ' || description FROM pg_description d
+         JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass WHERE c.relkind = 'i' 
+         ORDER BY 1"
+    );
+    client
+        .query(&query, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}

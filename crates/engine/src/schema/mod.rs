@@ -10,6 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub mod sections;
+
 use tokio::process::Command;
 use tokio_postgres::Client;
 
@@ -19,11 +21,12 @@ use crate::names;
 use crate::session;
 use crate::sql::{self, Role};
 
-/// Client tools of one major: pg_dump and psql.
+/// Client tools of one major: pg_dump, psql and pg_restore.
 #[derive(Debug, Clone)]
 pub struct Tools {
     pub pg_dump: PathBuf,
     pub psql: PathBuf,
+    pub pg_restore: PathBuf,
 }
 
 impl Tools {
@@ -41,7 +44,12 @@ impl Tools {
         };
         let pg_dump = find("pg_dump")?;
         let psql = find("psql").unwrap_or_else(|| pg_dump.with_file_name("psql"));
-        Some(Tools { pg_dump, psql })
+        let pg_restore = find("pg_restore").unwrap_or_else(|| pg_dump.with_file_name("pg_restore"));
+        Some(Tools {
+            pg_dump,
+            psql,
+            pg_restore,
+        })
     }
 
     /// `pg_dump --version` → ("18.6", 18).
@@ -251,75 +259,80 @@ fn tool_conninfo(endpoint: &Endpoint) -> String {
 }
 
 /// SQL that ends the schema restore, in its transaction: pgshift's own objects and the step
-/// record, so that the step is recorded if and only if the schema is there.
+/// record, so that the step is recorded if and only if the schema is there. (The whole schema:
+/// the operator's Job restores it so.)
 pub fn restore_epilogue() -> String {
+    restore_epilogue_with("")
+}
+
+/// The epilogue, with a value on the step record (`sections::DEFINITIONS_ONLY`: the builds
+/// follow after the copy).
+fn restore_epilogue_with(value: &str) -> String {
     format!(
-        "\nSET default_transaction_read_only = off;\n{}\nINSERT INTO {} (step) VALUES ({}) ON CONFLICT DO NOTHING;\n",
+        "\nSET default_transaction_read_only = off;\n{}\nINSERT INTO {} (step, value) VALUES ({}, nullif({}, '')) ON CONFLICT DO NOTHING;\n",
         sql::create_meta_objects(true),
         sql::qualified(names::META_SCHEMA, names::STATE_TABLE),
-        sql::literal(names::step::SCHEMA)
+        sql::literal(names::step::SCHEMA),
+        sql::literal(value),
     )
 }
 
-/// Dumps the schema of `database` from the source and restores it into the target in one
-/// transaction, together with pgshift's own objects and the step record.
-pub async fn copy_schema(tools: &Tools, source: &Endpoint, target: &Endpoint) -> Result<()> {
-    let passfile = MemoryFile::new("pgshift-pgpass", pgpass_text(&[source, target]).as_bytes())?;
-    let dump = tool(&tools.pg_dump, &passfile, None)
-        .args(dump_options())
-        .arg(format!("--dbname={}", tool_conninfo(source)))
-        .output()
-        .await
-        .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
-    if !dump.status.success() {
-        return Err(Error::Tool(format!(
-            "pg_dump of database {} failed: {}",
-            source.dbname,
-            String::from_utf8_lossy(&dump.stderr).trim()
-        )));
-    }
-    let mut script = dump.stdout;
-    script.extend_from_slice(restore_epilogue().as_bytes());
-    // A complete file, not a pipe: if pgshift dies, psql must not read a cut-off script to its
-    // end and COMMIT it. With the file and the parent-death signal, the restore is all or nothing.
-    let script_file = MemoryFile::new("pgshift-schema", &script)?;
-    let output = tool(&tools.psql, &passfile, Some(&script_file))
+/// The SQL that records a step, at the end of a script restored in one transaction.
+fn step_record(step: &str) -> String {
+    format!(
+        "\nINSERT INTO {} (step) VALUES ({}) ON CONFLICT DO NOTHING;\n",
+        sql::qualified(names::META_SCHEMA, names::STATE_TABLE),
+        sql::literal(step)
+    )
+}
+
+/// libpq options for a session that may write where the database is read-only.
+const READ_WRITE_SESSION: &str = "-c default_transaction_read_only=off";
+
+/// Restores `script` into the target with psql, in one transaction that stops at the first
+/// error. A complete file, not a pipe: if pgshift dies, psql must not read a cut-off script to
+/// its end and COMMIT it. With the file and the parent-death signal, the restore is all or
+/// nothing. The error is psql's own message.
+async fn restore_in_one_transaction(
+    tools: &Tools,
+    passfile: &MemoryFile,
+    script: &[u8],
+    target: &Endpoint,
+) -> std::result::Result<(), String> {
+    let script_file = MemoryFile::new("pgshift-schema", script).map_err(|e| e.to_string())?;
+    let output = tool(&tools.psql, &[passfile, &script_file])
+        // Before psql's BEGIN: the target database is read-only to everyone but pgshift.
+        .env("PGOPTIONS", READ_WRITE_SESSION)
         .args(restore_options())
         .arg(format!("--file={}", script_file.path()))
         .arg(format!("--dbname={}", tool_conninfo(target)))
         .output()
         .await
-        .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.psql.display())))?;
-    if !output.status.success() {
-        return Err(Error::Tool(format!(
-            "restoring the schema of database {} into the target failed (nothing was kept, the restore is one transaction): {}",
-            target.dbname,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
+        .map_err(|e| format!("cannot run {}: {e}", tools.psql.display()))?;
+    match output.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&output.stderr).trim().to_string()),
     }
-    Ok(())
 }
 
 /// A client tool that gets exactly what pgshift resolved: no PG* variable of pgshift's own
 /// environment (a stale PGPASSWORD would win over the pgpass file, PGSERVICE or PGOPTIONS would
 /// change the connection), the in-memory pgpass file and, if any, the script file as inherited
-/// descriptors. It dies with pgshift (Linux parent-death signal), so that a killed pgshift never
+/// descriptors (`files`: the pgpass file first). It dies with pgshift (Linux parent-death signal), so that a killed pgshift never
 /// leaves a restore running behind the next run's back.
-fn tool(program: &Path, passfile: &MemoryFile, script: Option<&MemoryFile>) -> Command {
+fn tool(program: &Path, files: &[&MemoryFile]) -> Command {
     let mut command = Command::new(program);
     for (name, _) in std::env::vars_os() {
         if name.as_encoded_bytes().starts_with(b"PG") {
             command.env_remove(name);
         }
     }
-    command
-        .env("PGPASSFILE", passfile.path())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let inherited: Vec<RawFd> = std::iter::once(passfile)
-        .chain(script)
-        .map(MemoryFile::fd)
-        .collect();
+    // The pgpass file comes first.
+    if let Some(passfile) = files.first() {
+        command.env("PGPASSFILE", passfile.path());
+    }
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    let inherited: Vec<RawFd> = files.iter().map(|f| f.fd()).collect();
     // SAFETY: prctl and fcntl are async-signal-safe and touch only the child being set up; the
     // descriptors stay open in pgshift until the child has exited.
     unsafe {
