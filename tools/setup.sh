@@ -158,6 +158,12 @@ done
 "$cache/pgbouncer/current/bin/pgbouncer" --version >/dev/null || { log "PgBouncer is broken in $cache/pgbouncer"; exit 1; }
 log "ready: PostgreSQL 10-18 in $cache/pg, $("$cache/pgbouncer/current/bin/pgbouncer" --version | head -1) in $cache/pgbouncer"
 
+# --- The bench's peer pgcopydb (crates/bench, method pgcopydb-clone) --------------------------
+# pgcopydb 0.10 (Debian) copies 15 -> 18 with the target's pg_dump/pg_restore, which the bench
+# points it at with PG_CONFIG=$cache/pg/18/bin/pg_config.
+command -v pgcopydb >/dev/null || apt_install pgcopydb
+pgcopydb --version >/dev/null 2>&1 || { log "pgcopydb is broken"; exit 1; }
+
 # The operator's tests run against a real Kubernetes control plane, built from Go modules and
 # cached by version (minutes the first time, nothing after). PGSHIFT_SKIP_KUBE=1 skips it for
 # the demo, which does not need it.

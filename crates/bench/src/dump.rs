@@ -1,31 +1,42 @@
-//! The conventional way: stop the application, `pg_dump | pg_restore` into the new server
-//! (or the directory format with parallel jobs), start the application on the new server.
+//! The offline ways: stop the application, copy the database into the new server with
+//! `pg_dump | pg_restore` (or the directory format with parallel jobs, or `pgcopydb clone`),
+//! start the application on the new server.
 
 use std::process::Stdio;
 use std::time::Instant;
 
-use pgshift_lab::ledger::{Ledger, LedgerTarget};
+use pgshift_lab::ledger::{Ledger, LedgerReport, LedgerTarget};
 
 use crate::error::{io, BenchError, Result};
 use crate::figures::{gap_across, MethodFigures, StoppedRun};
 use crate::lab::{
     conninfo, run_tool, settle, stop_load, Lab, Workload, APP_PASSWORD, APP_USER, DB,
 };
+use crate::pgcopydb;
 
-/// How the dump travels.
+/// How the database travels while the application is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub enum Offline {
     /// `pg_dump -Fc | pg_restore`, one stream.
-    Piped,
+    DumpPiped,
     /// `pg_dump -Fd -j N` to a directory, then `pg_restore -j N`.
-    Parallel { jobs: usize },
+    DumpParallel { jobs: usize },
+    /// `pgcopydb clone` with N table jobs and N index jobs.
+    PgcopydbClone { jobs: usize },
 }
 
-pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
-    let name = match format {
-        Format::Piped => "dump-restore",
-        Format::Parallel { .. } => "dump-restore-parallel",
-    };
+impl Offline {
+    pub fn name(self) -> &'static str {
+        match self {
+            Offline::DumpPiped => "dump-restore",
+            Offline::DumpParallel { .. } => "dump-restore-parallel",
+            Offline::PgcopydbClone { .. } => "pgcopydb-clone",
+        }
+    }
+}
+
+pub async fn run(work: &Workload, method: Offline) -> Result<MethodFigures> {
+    let name = method.name();
     let lab = Lab::fresh(work).await?;
     let pgpass = lab.pgpass()?;
     // The roles come first, as `pg_dumpall --roles-only` would bring them.
@@ -40,8 +51,8 @@ pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
     lab.target.create_database(DB).await?;
     let source = conninfo(&lab.source, DB);
     let target = conninfo(&lab.target, DB);
-    match format {
-        Format::Piped => {
+    match method {
+        Offline::DumpPiped => {
             let mut dump = lab.tool("pg_dump", &pgpass);
             dump.args(["-Fc", "-d", &source]).stdout(Stdio::piped());
             let mut dump = dump.spawn().map_err(io("cannot start pg_dump"))?;
@@ -69,7 +80,7 @@ pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
                 });
             }
         }
-        Format::Parallel { jobs } => {
+        Offline::DumpParallel { jobs } => {
             let dir = lab.dir.path().join("dump");
             let dir = dir.to_string_lossy();
             let jobs = jobs.to_string();
@@ -80,29 +91,46 @@ pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
             restore.args(["--exit-on-error", "-j", &jobs, "-d", &target, &dir]);
             run_tool(restore).await?;
         }
+        Offline::PgcopydbClone { jobs } => {
+            pgcopydb::run_clone(&lab, &pgpass, jobs).await?;
+        }
     }
-    let copy_s = started.elapsed().as_secs_f64();
+    let copied = Instant::now();
     tracing::info!(
         method = name,
-        seconds = copy_s,
-        "restored; starting the application on the new server"
+        seconds = copied.duration_since(started).as_secs_f64(),
+        "copied; starting the application on the new server"
     );
+    let before = StoppedRun {
+        started: before_started,
+        report: &before_report,
+    };
+    restart_on_target(work, lab, name, (started, copied), &before).await
+}
+
+/// The second half: starts the application on the new server (the copy, from `started` to
+/// `copied`, is done), lets it run, and verifies both runs there. The upgrade's end is now.
+async fn restart_on_target(
+    work: &Workload,
+    lab: Lab,
+    name: &'static str,
+    (started, copied): (Instant, Instant),
+    before_run: &StoppedRun<'_>,
+) -> Result<MethodFigures> {
+    let total_s = started.elapsed().as_secs_f64();
     let after = work.start_load(LedgerTarget::server(&lab.target, DB));
     settle(work).await;
     let (after_started, after_report) = stop_load(after).await;
 
     let client = lab.target.connect(DB).await?;
-    let verified_before = Ledger::verify(&client, &before_report).await?;
+    let before_report: &LedgerReport = before_run.report;
+    let verified_before = Ledger::verify(&client, before_report).await?;
     let verified_after = Ledger::verify(&client, &after_report).await?;
     let after_run = StoppedRun {
         started: after_started,
         report: &after_report,
     };
-    let before_run = StoppedRun {
-        started: before_started,
-        report: &before_report,
-    };
-    let unavailable = gap_across(&before_run, &after_run);
+    let unavailable = gap_across(before_run, &after_run);
     let attempts = before_run
         .attempts(started)
         .chain(after_run.attempts(started))
@@ -111,7 +139,6 @@ pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
         .first_commit_after(started)
         .map(|at| at.duration_since(started).as_secs_f64() * 1e3);
     let size_mb = lab.size_mb;
-    let copy_mb_per_s = Some(size_mb / copy_s);
     lab.stop().await?;
     Ok(MethodFigures {
         name,
@@ -125,10 +152,12 @@ pub async fn run(work: &Workload, format: Format) -> Result<MethodFigures> {
         committed: before_report.committed + after_report.committed,
         tps: (before_report.committed + after_report.committed) as f64
             / (before_report.duration + after_report.duration).as_secs_f64(),
-        total_ms: copy_s * 1e3,
+        total_ms: total_s * 1e3,
+        // Offline, the new server holds everything once the copy is done.
+        time_to_ready_ms: copied.duration_since(started).as_secs_f64() * 1e3,
         first_write_ms,
         longest_in_cutover_ms: None,
-        copy_mb_per_s,
+        copy_mb_per_s: Some(size_mb / copied.duration_since(started).as_secs_f64()),
         attempts,
         not_run: None,
     })

@@ -31,14 +31,20 @@ pub enum BenchError {
         stderr: String,
     },
 
+    #[error("{tool} is not installed: {install}")]
+    MissingTool {
+        tool: &'static str,
+        install: &'static str,
+    },
+
     #[error("{0}")]
     Timeout(String),
 
     #[error("the upgraded server exited with {0} before accepting connections")]
     UpgradedServerExited(std::process::ExitStatus),
 
-    #[error("pgshift finished without a cutover")]
-    NoCutover,
+    #[error("pgshift stopped at {0}, not ready for the cutover")]
+    NotReady(&'static str),
 
     #[error("cannot print the JSON report: {0}")]
     Json(#[from] serde_json::Error),

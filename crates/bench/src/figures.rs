@@ -28,6 +28,10 @@ pub struct MethodFigures {
     pub tps: f64,
     /// From the start of the upgrade to its end (the first write on the new server possible).
     pub total_ms: f64,
+    /// From the start of the upgrade until the new server holds everything: for the methods
+    /// that stop the application, the copy done; for the online ones, caught up and ready for
+    /// the cutover (pgshift: `run --cutover manual` reporting ready).
+    pub time_to_ready_ms: f64,
     /// From the start of the upgrade to the first commit acknowledged by the new server.
     pub first_write_ms: Option<f64>,
     /// pgshift only: the longest committed transaction in flight during the fence, whatever
@@ -58,6 +62,7 @@ impl MethodFigures {
             committed: 0,
             tps: f64::NAN,
             total_ms: f64::NAN,
+            time_to_ready_ms: f64::NAN,
             first_write_ms: None,
             longest_in_cutover_ms: None,
             copy_mb_per_s: None,
@@ -88,6 +93,7 @@ impl MethodFigures {
             committed: report.committed,
             tps: report.tps,
             total_ms: timing.ms_since_start(timing.ended),
+            time_to_ready_ms: timing.ms_since_start(timing.ready),
             first_write_ms: run
                 .first_commit_after(timing.new_server_from)
                 .map(|at| timing.ms_since_start(at)),
@@ -99,10 +105,12 @@ impl MethodFigures {
     }
 }
 
-/// When an upgrade started and ended, and from when commits can only come from the new server.
+/// When an upgrade started, when the new server was ready (see `time_to_ready_ms`), when it
+/// ended, and from when commits can only come from the new server.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub started: Instant,
+    pub ready: Instant,
     pub ended: Instant,
     pub new_server_from: Instant,
 }

@@ -6,11 +6,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgshift_lab::ledger::{Ledger, LedgerHandle, LedgerReport, LedgerTarget, LoadOptions};
-use pgshift_lab::sample::{self, SampleData};
 use pgshift_lab::{write_pgpass, PgServer, ServerOptions};
 use tempfile::TempDir;
 use tokio::process::Command;
 
+use crate::dataset::{self, Dataset};
 use crate::error::{io, pg, BenchError, Result};
 
 pub const SOURCE_MAJOR: u32 = 15;
@@ -25,6 +25,7 @@ const LEDGER_ACCOUNTS: u32 = 100;
 /// The data set and the write load, the same for every method.
 #[derive(Debug, Clone)]
 pub struct Workload {
+    pub dataset: Dataset,
     pub scale: u32,
     pub extra_tables: u32,
     pub extra_sequences: u32,
@@ -72,17 +73,17 @@ impl Lab {
         source.create_database(DB).await?;
         let client = source.connect(DB).await?;
         tracing::info!(
+            dataset = work.dataset.name(),
             scale = work.scale,
             extra_tables = work.extra_tables,
             "loading the source"
         );
-        sample::load(
+        dataset::load(
             &client,
-            SampleData {
-                scale: work.scale,
-                extra_tables: work.extra_tables,
-                extra_sequences: work.extra_sequences,
-            },
+            work.dataset,
+            work.scale,
+            work.extra_tables,
+            work.extra_sequences,
         )
         .await?;
         Ledger::install(&client, LEDGER_ACCOUNTS).await?;
@@ -113,15 +114,7 @@ impl Lab {
 
     /// A client tool of the target's major (pg_dump, pg_restore, psql), with the pgpass file.
     pub fn tool(&self, name: &str, pgpass: &Path) -> Command {
-        let mut command = Command::new(self.target.bin_dir().join(name));
-        command
-            .env("PGPASSFILE", pgpass)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        command
+        client_command(self.target.bin_dir().join(name), pgpass)
     }
 
     /// Stops both servers; the directory goes with `self`.
@@ -130,6 +123,19 @@ impl Lab {
         self.target.stop().await?;
         Ok(())
     }
+}
+
+/// A libpq client program that finds passwords in `pgpass`; its stderr is kept for errors.
+pub fn client_command(program: impl AsRef<std::ffi::OsStr>, pgpass: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env("PGPASSFILE", pgpass)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
 }
 
 /// libpq connection options for `server`'s superuser, without the password (pgpass has it).

@@ -77,6 +77,7 @@ pub async fn run(work: &Workload) -> Result<MethodFigures> {
     wait_until(&target, "every table copied", all_tables_ready).await?;
     let copy_s = started.elapsed().as_secs_f64();
     wait_until(&source, "the lag query shows zero", lag_is_zero).await?;
+    let ready = Instant::now();
 
     tracing::info!(method = name, "repointing PgBouncer at the new server");
     repoint(&bouncer, &lab.source, &lab.target).await?;
@@ -101,6 +102,7 @@ pub async fn run(work: &Workload) -> Result<MethodFigures> {
     };
     let timing = Timing {
         started,
+        ready,
         ended,
         new_server_from: ended,
     };

@@ -168,6 +168,8 @@ pub async fn run(work: &Workload) -> Result<MethodFigures> {
     };
     let timing = Timing {
         started,
+        // In place: the new server holds everything once it accepts connections.
+        ready: ended,
         ended,
         new_server_from: ended,
     };

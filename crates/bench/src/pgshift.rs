@@ -1,10 +1,14 @@
-//! pgshift itself, in direct mode and through PgBouncer, run as a library on the lab servers.
+//! pgshift itself, in direct mode and through PgBouncer, run as a library on the lab servers
+//! the way a user runs the CLI with `--cutover manual`: `pgshift run` until it reports ready
+//! for the cutover (the time to ready), then `pgshift cutover`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgshift_engine::pgbouncer::PgbouncerTarget;
-use pgshift_engine::{Endpoint, Event, Plan, Secret, Side, Traffic, Upgrade};
+use pgshift_engine::{
+    CutoverMode, Endpoint, Error, Event, EventSink, Phase, Plan, Secret, Side, Traffic, Upgrade,
+};
 use pgshift_lab::ledger::{Ledger, LedgerTarget};
 use pgshift_lab::{BouncerDatabase, BouncerOptions, PgBouncer, PgServer};
 
@@ -24,11 +28,8 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
         Mode::Pgbouncer => "pgshift-pgbouncer",
     };
     let lab = Lab::fresh(work).await?;
-    let mut plan = Plan::new(
-        endpoint(&lab.source, Side::Source),
-        endpoint(&lab.target, Side::Target),
-    );
-    plan.pg_bin_dir = Some(lab.target.bin_dir().to_path_buf());
+    let mut plan = plan(&lab);
+    plan.cutover = CutoverMode::Manual;
     let bouncer = match mode {
         Mode::Direct => None,
         Mode::Pgbouncer => {
@@ -52,7 +53,7 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
     let started = Instant::now();
     // The fence's window, from the cutover's step events: (fence raised, clients released).
     let window: Arc<Mutex<(Option<Instant>, Option<Instant>)>> = Arc::default();
-    let events = {
+    let events: EventSink = {
         let window = window.clone();
         Arc::new(move |event: Event| {
             if let Event::CutoverStep { step, ms } = &event {
@@ -68,12 +69,21 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
             tracing::debug!(?event, "pgshift");
         })
     };
-    let mut upgrade = Upgrade::connect(plan, events).await?;
-    let outcome = upgrade.run().await?;
-    let ended = Instant::now();
-    if outcome.cutover.is_none() {
-        return Err(BenchError::NoCutover);
+    let outcome = Upgrade::connect(plan.clone(), events.clone())
+        .await?
+        .run()
+        .await?;
+    let ready = Instant::now();
+    if outcome.finished != Phase::ReadyForCutover {
+        return Err(BenchError::NotReady(outcome.finished.name()));
     }
+    tracing::info!(
+        method = name,
+        seconds = ready.duration_since(started).as_secs_f64(),
+        "ready for the cutover"
+    );
+    cut_over(&plan, events).await?;
+    let ended = Instant::now();
     settle(work).await;
     let (load_started, report) = stop_load(load).await;
     let (fence, switch) = *window.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,6 +106,7 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
     };
     let timing = Timing {
         started,
+        ready,
         ended,
         new_server_from: switch.unwrap_or(ended),
     };
@@ -105,6 +116,37 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
         .zip(switch)
         .map(|(from, to)| report.longest_in_window_ms(since_load(from), since_load(to)));
     Ok(figures)
+}
+
+/// `pgshift cutover`, as a user runs it after `run --cutover manual` reported ready: a new
+/// process each time, tried again (as the automatic mode would) when an attempt aborted
+/// within its budget or its probe row was late.
+async fn cut_over(plan: &Plan, events: EventSink) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        let mut upgrade = Upgrade::connect(plan.clone(), events.clone()).await?;
+        match upgrade.cutover_now().await {
+            Ok(_) => return Ok(()),
+            Err(e @ (Error::CutoverAborted { .. } | Error::NotReady { .. }))
+                if attempt < plan.cutover_attempts =>
+            {
+                tracing::warn!(attempt, "the cutover did not happen ({e}); trying again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// pgshift's plan for the lab's database, in direct mode, with the target's client tools.
+pub fn plan(lab: &Lab) -> Plan {
+    let mut plan = Plan::new(
+        endpoint(&lab.source, Side::Source),
+        endpoint(&lab.target, Side::Target),
+    );
+    plan.pg_bin_dir = Some(lab.target.bin_dir().to_path_buf());
+    plan
 }
 
 fn endpoint(server: &PgServer, side: Side) -> Endpoint {

@@ -1,10 +1,12 @@
 //! The pictures, as plain SVG: client commit latency over time around the upgrade for each
-//! method, and pgshift's pause against the work.
+//! method, each method's time to ready, pgshift's pause against the work, and its catch-up
+//! against the source's write rate.
 
 use std::fmt::Write;
 
 use pgshift_lab::ledger::Outcome;
 
+use crate::catch_up::CatchUpPoint;
 use crate::figures::MethodFigures;
 use crate::scaling::ScalingPoint;
 
@@ -180,6 +182,119 @@ pub fn scaling(points: &[ScalingPoint]) -> String {
         let _ = write!(
             svg,
             r##"<polyline points="{line}" fill="none" stroke="#1f5fbf"/>"##
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+const BAR: f64 = 26.0;
+const BAR_LEFT: f64 = 190.0;
+
+/// One bar per measured method: from the start of the upgrade until the new server holds
+/// everything (online methods: caught up, ready for the cutover); pgshift's bars in blue.
+pub fn time_to_ready(methods: &[MethodFigures]) -> String {
+    let methods: Vec<&MethodFigures> = methods
+        .iter()
+        .filter(|m| m.not_run.is_none() && m.time_to_ready_ms.is_finite())
+        .collect();
+    let height = TOP + BAR * methods.len() as f64 + 30.0;
+    let mut svg = header(
+        height,
+        "Time until the new server holds everything (online methods: ready for the cutover)",
+    );
+    let longest = methods
+        .iter()
+        .map(|m| m.time_to_ready_ms)
+        .fold(1.0_f64, f64::max);
+    let width = WIDTH - BAR_LEFT - RIGHT - 60.0;
+    for (i, m) in methods.iter().enumerate() {
+        let top = TOP + BAR * i as f64;
+        let colour = if m.name.starts_with("pgshift") {
+            "#1f5fbf"
+        } else {
+            "#999"
+        };
+        let length = (m.time_to_ready_ms / longest * width).max(1.0);
+        let _ = write!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{BAR_LEFT}" y="{:.1}" width="{length:.1}" height="{:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="11">{:.1} s</text>"##,
+            BAR_LEFT - 6.0,
+            top + BAR * 0.65,
+            m.name,
+            top + 4.0,
+            BAR - 8.0,
+            BAR_LEFT + length + 4.0,
+            top + BAR * 0.65,
+            m.time_to_ready_ms / 1e3
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// One group per sweep point: the source's WAL rate (grey) and what apply confirmed (blue)
+/// during pgshift's catch-up, labelled with the commit rate and whether it converged.
+pub fn catch_up(points: &[CatchUpPoint]) -> String {
+    let points: Vec<&CatchUpPoint> = points.iter().filter(|p| p.error.is_none()).collect();
+    let height = TOP + PANEL + 40.0;
+    let mut svg = header(
+        height,
+        "pgshift's catch-up: source WAL MB/s (grey) and applied MB/s (blue) per write rate",
+    );
+    let plot = Area {
+        left: LEFT,
+        top: TOP + 10.0,
+        width: WIDTH - LEFT - RIGHT,
+        height: PANEL - 20.0,
+    };
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let y_max = points
+        .iter()
+        .flat_map(|p| [finite(p.source_bytes_per_s), finite(p.applied_bytes_per_s)])
+        .fold(1e5_f64, f64::max)
+        * 1.15;
+    let y = |bytes: f64| plot.top + plot.height - finite(bytes) / y_max * plot.height;
+    let slot = plot.width / points.len().max(1) as f64;
+    plot.frame(&mut svg);
+    let _ = write!(
+        svg,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{:.1} MB/s</text><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">0</text>"##,
+        LEFT - 4.0,
+        plot.top + 8.0,
+        y_max / 1e6,
+        LEFT - 4.0,
+        plot.top + plot.height
+    );
+    for (i, p) in points.iter().enumerate() {
+        let left = plot.left + slot * i as f64 + slot * 0.2;
+        let bar = slot * 0.28;
+        for (offset, bytes, colour) in [
+            (0.0, p.source_bytes_per_s, "#999"),
+            (bar, p.applied_bytes_per_s, "#1f5fbf"),
+        ] {
+            let _ = write!(
+                svg,
+                r##"<rect x="{:.1}" y="{:.1}" width="{bar:.1}" height="{:.1}" fill="{colour}"/>"##,
+                left + offset,
+                y(bytes),
+                plot.top + plot.height - y(bytes)
+            );
+        }
+        let _ = write!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.0} TPS, {} clients</text><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"##,
+            left + bar,
+            plot.top + plot.height + 13.0,
+            p.source_tps,
+            p.clients,
+            left + bar,
+            plot.top + plot.height + 26.0,
+            if p.converged {
+                format!("ready after {:.1} s of catch-up", p.catch_up_ms / 1e3)
+            } else {
+                "did not converge".to_string()
+            }
         );
     }
     svg.push_str("</svg>\n");
