@@ -41,9 +41,10 @@ const MANAGED_SETTINGS: &[&str] = &[
 ];
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// SIGTERM is PgBouncer's immediate shutdown; SIGKILL if it hangs.
+/// SIGQUIT is PgBouncer's immediate shutdown from 1.23 on (SIGTERM waits for every client
+/// to leave); SIGKILL if it hangs.
 const STOP_STEPS: &[(libc::c_int, Duration)] = &[
-    (libc::SIGTERM, Duration::from_secs(5)),
+    (libc::SIGQUIT, Duration::from_secs(5)),
     (libc::SIGKILL, Duration::from_secs(5)),
 ];
 
@@ -407,7 +408,7 @@ impl PgBouncer {
         }
     }
 
-    /// Stops PgBouncer (SIGTERM, then SIGKILL after 5 s).
+    /// Stops PgBouncer (SIGQUIT, then SIGKILL after 5 s).
     pub async fn stop(self) -> Result<()> {
         tracing::info!(name = %self.name, "stopping pgbouncer");
         match self.process.shutdown(STOP_STEPS).await {

@@ -204,18 +204,27 @@ impl Report {
     }
 
     /// Per-database steps, tables in sync and the lag, of the stream that runs now: the target
-    /// behind the source before the switch, the source behind the target in the window.
+    /// behind the source before the switch, the source behind the target in the window. Once
+    /// no stream runs (the upgrade completed), the last counts stay, as `tables` does.
     pub fn databases(&mut self, steps: &[(Database, Step)]) {
+        let before = std::mem::take(&mut self.status.databases);
         self.status.databases = steps
             .iter()
             .map(|(db, step)| {
-                let subscription = running_stream(db).subscription.as_ref();
+                let last = before.iter().find(|d| d.name == db.name);
+                let (tables_ready, tables_total, apply_errors) =
+                    match running_stream(db).subscription.as_ref() {
+                        Some(s) => (s.tables_ready, s.tables_total, s.errors),
+                        None => last.map_or((0, 0, 0), |d| {
+                            (d.tables_ready, d.tables_total, d.apply_errors)
+                        }),
+                    };
                 DatabaseStatus {
                     name: db.name.clone(),
                     step: format!("{step:?}"),
-                    tables_ready: subscription.map_or(0, |s| s.tables_ready),
-                    tables_total: subscription.map_or(0, |s| s.tables_total),
-                    apply_errors: subscription.map_or(0, |s| s.errors),
+                    tables_ready,
+                    tables_total,
+                    apply_errors,
                 }
             })
             .collect();
@@ -458,6 +467,14 @@ mod tests {
         assert_eq!(report.status.direction.as_deref(), Some("Back"));
         let db = &report.status.databases[0];
         assert_eq!((db.step.as_str(), db.apply_errors), ("WindowOpen", 2));
+
+        // Cleanup dropped the streams: the counts of the last stream stay in the status.
+        let mut cleaned = switched_at("2026-12-01T12:02:34Z");
+        cleaned.cleaned_up = true;
+        report.databases(&[(cleaned, Step::Switched)]);
+        let db = &report.status.databases[0];
+        assert_eq!((db.tables_ready, db.tables_total), (3, 3), "{db:?}");
+        assert_eq!(report.status.tables.as_deref(), Some("3/3"));
     }
 
     fn condition<'a>(report: &'a Report, type_: &str) -> &'a Condition {
