@@ -202,7 +202,10 @@ impl Upgrade {
                 Next::ReadyForCutover => {
                     self.check_apply(&databases, &mut previous_errors).await?;
                     if !self.apply_proven(Direction::Forward, baseline).await? {
-                        patience.unproven(Direction::Forward)?;
+                        patience.unproven(
+                            Direction::Forward,
+                            self.logged_error(Direction::Forward).await,
+                        )?;
                         continue;
                     }
                     return self.settle(Phase::ReadyForCutover, switched);
@@ -210,7 +213,7 @@ impl Upgrade {
                 Next::Cutover(direction) => {
                     self.check_apply(&databases, &mut previous_errors).await?;
                     if !self.apply_proven(direction, baseline).await? {
-                        patience.unproven(direction)?;
+                        patience.unproven(direction, self.logged_error(direction).await)?;
                         continue;
                     }
                     self.enter(Phase::Cutover);
@@ -295,6 +298,13 @@ impl Upgrade {
         Ok(false)
     }
 
+    /// The newest error in the log of the server a stream in `direction` applies to: a
+    /// subscriber older than 15 counts no replication errors, and its apply worker may be
+    /// restarting just when it is looked at, so the log is what names a failing apply there.
+    async fn logged_error(&self, direction: Direction) -> Option<String> {
+        crate::observe::newest_log_entry(self.server(direction.to()), &["ERROR"]).await
+    }
+
     /// Refuses to go on while a subscriber counts new replication errors, and says why.
     async fn check_apply(
         &mut self,
@@ -329,15 +339,23 @@ impl Patience {
         wait_for_apply: false,
     };
 
-    fn unproven(self, direction: Direction) -> Result<()> {
+    fn unproven(self, direction: Direction, logged_error: Option<String>) -> Result<()> {
         if self.wait_for_apply {
             return Ok(());
         }
+        let logged = logged_error
+            .map(|line| {
+                format!(
+                    " (the newest error in the {}'s log: {line})",
+                    direction.to()
+                )
+            })
+            .unwrap_or_default();
         Err(Error::NotReady {
             why: format!(
                 "a probe row written on the {} did not reach the {} within {APPLY_PROBE:?}: it is still \
                  catching up or its apply is blocked; nobody was paused. Check `pgshift status` and the {}'s \
-                 locks, then try again",
+                 locks, then try again{logged}",
                 direction.from(),
                 direction.to(),
                 direction.to()
