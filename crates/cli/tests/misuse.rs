@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{pgshift_objects, through, APP_PASSWORD, APP_USER};
 use pgshift_lab::ledger::{Ledger, LedgerHandle, LoadOptions};
-use support::{nothing_lost, paused_entries, recorded, until, CliLab, Running};
+use support::{nothing_lost, paused_entries, recorded, stderr, succeeds, until, CliLab, Running};
 
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// What the issue allows past `--max-pause` for a release nobody asked for.
@@ -20,24 +20,6 @@ const RELEASE_SLACK: Duration = Duration::from_secs(2);
 /// The longest a client may wait where a fence is held to its budget and then released, with
 /// a second for the machine being busy.
 const LONGEST_WAIT: Duration = Duration::from_secs(5);
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn succeeds(lab: &CliLab, args: &[String]) -> String {
-    let output = lab.output(args);
-    assert!(
-        output.status.success(),
-        "{args:?} failed:\n{}",
-        stderr(&output)
-    );
-    stdout(&output)
-}
 
 /// A transaction through PgBouncer that stays in flight for `seconds`, so that PAUSE waits.
 fn long_transaction(

@@ -232,6 +232,48 @@ pub async fn recorded(server: &pgshift_lab::PgServer, step: &str) -> bool {
 
 /// Stops the load and checks the ledger on `server`: every acknowledged commit exactly once,
 /// none failed, the balances add up, no client waited longer than `longest`.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs pgshift to the end, asserts it succeeded, and returns its stdout.
+pub fn succeeds(lab: &CliLab, args: &[String]) -> String {
+    let output = lab.output(args);
+    assert!(
+        output.status.success(),
+        "{args:?} failed:\n{}",
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Direct mode: every acknowledged commit on `server` exactly once, and no more failed or
+/// in-doubt transactions than the sessions the fences ended.
+pub async fn nothing_lost_but_ended(
+    load: LedgerHandle,
+    server: &pgshift_lab::PgServer,
+    ended: i64,
+) {
+    let report = load.stop().await;
+    let verification = Ledger::verify(&server.connect("app").await.unwrap(), &report)
+        .await
+        .unwrap();
+    assert_eq!(verification.lost, 0, "{verification:?}");
+    assert_eq!(verification.duplicated + verification.unexpected, 0);
+    assert!(verification.invariant_holds);
+    assert!(
+        (report.failed + report.in_doubt) as i64 <= ended,
+        "{} failed and {} in doubt, {ended} sessions ended: {:?}",
+        report.failed,
+        report.in_doubt,
+        report.errors
+    );
+}
+
 pub async fn nothing_lost(load: LedgerHandle, server: &pgshift_lab::PgServer, longest: Duration) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = load.stop().await;
