@@ -385,8 +385,7 @@ pub fn session_state_warnings(uses: &[SessionStateUse], queue_usage: f64) -> Vec
                          LISTENs again there"
                     ),
                     fix: "connect listeners to the server directly (not through transaction pooling) and have them \
-                          LISTEN again whenever they reconnect: pgshift ends their sessions on the old server at the \
-                          cutover"
+                          LISTEN again whenever they reconnect, to the new server after the cutover too"
                         .into(),
                 },
                 SessionStateKind::TempTables => Finding {
