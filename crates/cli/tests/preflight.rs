@@ -456,3 +456,342 @@ async fn a_foreign_table_is_reported_and_its_definition_reaches_the_target() {
         .get(0);
     assert_eq!(rows, 2);
 }
+
+/// `check --json` with `extra` arguments: the report, and what `check` prints without --json.
+fn check_report(
+    pair: &common::Pair,
+    pgpass: &std::path::Path,
+    extra: &[&str],
+) -> (serde_json::Value, String) {
+    let (source, target) = (
+        url(&pair.source, "postgres", "app"),
+        url(&pair.target, "postgres", "app"),
+    );
+    let bin = pair.target.bin_dir().display().to_string();
+    let mut args = vec![
+        "check",
+        "--source",
+        &source,
+        "--target",
+        &target,
+        "--pg-bin-dir",
+        &bin,
+    ];
+    args.extend(extra);
+    let printed = pgshift(pgpass, &args);
+    assert_eq!(printed.status.code(), Some(0), "{}", text(&printed));
+    args.push("--json");
+    let json = pgshift(pgpass, &args);
+    assert_eq!(json.status.code(), Some(0), "{}", text(&json));
+    (
+        serde_json::from_slice(&json.stdout).expect("check --json prints JSON"),
+        text(&printed),
+    )
+}
+
+/// The report's warnings whose code is `code`.
+fn warnings_coded<'a>(report: &'a serde_json::Value, code: &str) -> Vec<&'a serde_json::Value> {
+    report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["code"] == code)
+        .collect()
+}
+
+/// A PgBouncer in front of the source's `app` with `settings`, its console in the pgpass file.
+async fn bouncer_with(
+    pair: &common::Pair,
+    pgpass: &std::path::Path,
+    name: &str,
+    settings: &[(&str, &str)],
+) -> pgshift_lab::PgBouncer {
+    let options = settings.iter().fold(
+        pgshift_lab::BouncerOptions::new(
+            pair.dir.path(),
+            vec![pgshift_lab::BouncerDatabase::for_server(
+                &pair.source,
+                "app",
+            )],
+        )
+        .name(name),
+        |options, (key, value)| options.setting(key, value),
+    );
+    let bouncer = pgshift_lab::PgBouncer::start(options).await.unwrap();
+    let mut entries = std::fs::read_to_string(pgpass).unwrap();
+    entries.push_str(&bouncer.admin_pgpass_entry().line());
+    entries.push('\n');
+    std::fs::write(pgpass, entries).unwrap();
+    bouncer
+}
+
+fn console_args(bouncer: &pgshift_lab::PgBouncer) -> [String; 4] {
+    [
+        "--pgbouncer".into(),
+        bouncer.admin_url(),
+        "--pgbouncer-config".into(),
+        bouncer.config_path().display().to_string(),
+    ]
+}
+
+#[tokio::test]
+async fn a_pgbouncer_that_does_not_carry_prepared_statements_is_warned_with_the_fix() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    let pgpass = pgpass(&pair);
+    let untracked = bouncer_with(
+        &pair,
+        &pgpass,
+        "untracked",
+        &[("max_prepared_statements", "0")],
+    )
+    .await;
+    let tracked = bouncer_with(
+        &pair,
+        &pgpass,
+        "tracked",
+        &[("max_prepared_statements", "200")],
+    )
+    .await;
+    let session = bouncer_with(&pair, &pgpass, "session", &[("pool_mode", "session")]).await;
+
+    let args = console_args(&untracked);
+    let (report, printed) = check_report(
+        &pair,
+        &pgpass,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    println!("{printed}");
+    let console = format!("127.0.0.1:{}", untracked.port());
+    assert_eq!(report["poolers"][0]["console"], console.as_str());
+    assert_eq!(report["poolers"][0]["version"], "1.24.1");
+    assert_eq!(report["poolers"][0]["max_prepared_statements"], 0);
+    assert_eq!(report["poolers"][0]["pool_mode"], "transaction");
+    let warned = warnings_coded(&report, "pgbouncer_prepared_statements");
+    assert_eq!(warned.len(), 1, "{report:#}");
+    assert_eq!(warned[0]["object"], format!("PgBouncer {console}").as_str());
+    assert!(
+        printed.contains(&format!(
+            "PgBouncer {console}: version 1.24.1, pool_mode transaction, max_prepared_statements 0"
+        )),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "PgBouncer {console} has max_prepared_statements = 0"
+        )),
+        "{printed}"
+    );
+    assert!(printed.contains("set max_prepared_statements = 200 in its [pgbouncer] section and RELOAD it, or make the clients not prepare statements on the server: psycopg prepare_threshold=None, asyncpg statement_cache_size=0, pgjdbc prepareThreshold=0"), "{printed}");
+
+    let args = console_args(&tracked);
+    let (report, printed) = check_report(
+        &pair,
+        &pgpass,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(report["poolers"][0]["max_prepared_statements"], 200);
+    assert!(
+        report["warnings"].as_array().unwrap().is_empty(),
+        "{printed}"
+    );
+
+    let args = console_args(&session);
+    let (report, printed) = check_report(
+        &pair,
+        &pgpass,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let codes: Vec<&str> = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["pgbouncer_session_pooling"], "{printed}");
+}
+
+/// A session to the source's `app` under `application_name`, left idle after `sql`.
+async fn session_doing(
+    pair: &common::Pair,
+    application_name: &str,
+    sql: &str,
+) -> tokio_postgres::Client {
+    let (client, connection) = pair
+        .source
+        .config("app")
+        .application_name(application_name)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(sql).await.unwrap();
+    client
+}
+
+#[tokio::test]
+async fn session_state_on_the_source_is_warned_naming_the_sessions_and_not_when_absent() {
+    // PostgreSQL 16+ names the session of a pg_temp_N schema.
+    let pair = pair_with_app(16, 18, &[]).await;
+    let pgpass = pgpass(&pair);
+    let session_codes = ["session_advisory_locks", "listen", "temp_tables"];
+    let (report, printed) = check_report(&pair, &pgpass, &[]);
+    for code in session_codes {
+        assert!(
+            warnings_coded(&report, code).is_empty(),
+            "{code} without such use: {printed}"
+        );
+    }
+    // Transaction-scoped use is no session state.
+    let scoped = session_doing(
+        &pair,
+        "scoped",
+        "BEGIN; SELECT pg_advisory_xact_lock(5); CREATE TEMP TABLE t (x int) ON COMMIT DROP; COMMIT",
+    )
+    .await;
+    let locker = session_doing(
+        &pair,
+        "billing-worker",
+        "SELECT pg_advisory_lock(1); SELECT pg_advisory_lock(2)",
+    )
+    .await;
+    let _listener = session_doing(&pair, "order-listener", "LISTEN orders").await;
+    let _reporter =
+        session_doing(&pair, "report-builder", "CREATE TEMP TABLE scratch (x int)").await;
+    let locker_pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let listener = session_doing(&pair, "order-listener-2", "LISTEN shipments").await;
+    let (report, printed) = check_report(&pair, &pgpass, &[]);
+    println!("{printed}");
+    let one = |code: &str| {
+        let found = warnings_coded(&report, code);
+        assert_eq!(found.len(), 1, "{code}: {printed}");
+        found[0]["problem"].as_str().unwrap().to_string()
+    };
+    let locks = one("session_advisory_locks");
+    assert!(
+        locks.contains(&format!(
+            "\"billing-worker\" from 127.0.0.1 (pid {locker_pid}): 2 advisory lock(s)"
+        )),
+        "{locks}"
+    );
+    assert!(!locks.contains("scoped"), "{locks}");
+    let listens = one("listen");
+    assert!(
+        listens.contains("\"order-listener\" from 127.0.0.1"),
+        "{listens}"
+    );
+    assert!(listens.contains(": LISTEN orders"), "{listens}");
+    assert!(
+        listens.contains("\"order-listener-2\" from 127.0.0.1"),
+        "{listens}"
+    );
+    let temps = one("temp_tables");
+    assert!(
+        temps.contains("\"report-builder\" from 127.0.0.1"),
+        "{temps}"
+    );
+    assert!(temps.contains("1 table(s) in pg_temp_"), "{temps}");
+    assert!(!temps.contains("scoped"), "{temps}");
+    for said in [&locks, &listens, &temps] {
+        assert!(
+            said.contains("through PgBouncer in transaction mode"),
+            "{said}"
+        );
+    }
+    assert!(
+        printed.contains("fix: take such locks with pg_advisory_xact_lock"),
+        "{printed}"
+    );
+
+    // The locks released, their warning goes; the others stay.
+    drop(locker);
+    drop(listener);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (report, _) = check_report(&pair, &pgpass, &[]);
+        if warnings_coded(&report, "session_advisory_locks").is_empty() {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lock holder's session never ended: {report:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(warnings_coded(&report, "listen").len(), 1);
+    assert_eq!(warnings_coded(&report, "temp_tables").len(), 1);
+    drop(scoped);
+}
+
+#[tokio::test]
+async fn md5_password_hashes_the_target_would_refuse_are_named_with_the_fix() {
+    let pair = pair_with_app(15, 18, &[]).await;
+    exec(
+        &pair.source,
+        "postgres",
+        "SET password_encryption = 'md5'; CREATE ROLE legacy LOGIN PASSWORD 'legacy-secret';
+         RESET password_encryption; CREATE ROLE modern LOGIN PASSWORD 'modern-secret'",
+    )
+    .await;
+    let pgpass = pgpass(&pair);
+    // The lab's PgBouncer authenticates clients with scram-sha-256.
+    let bouncer = bouncer_with(&pair, &pgpass, "scram", &[]).await;
+    let args = console_args(&bouncer);
+    let (report, printed) = check_report(
+        &pair,
+        &pgpass,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    println!("{printed}");
+    let md5 = warnings_coded(&report, "md5_password");
+    assert_eq!(md5.len(), 1, "{printed}");
+    assert_eq!(md5[0]["object"], "role legacy");
+    assert!(
+        md5[0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("the target's pg_hba.conf asks for scram-sha-256 (line(s) "),
+        "{printed}"
+    );
+    assert!(
+        md5[0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("ALTER ROLE \"legacy\" PASSWORD"),
+        "{printed}"
+    );
+    let pooler = warnings_coded(&report, "pgbouncer_md5_password");
+    assert_eq!(pooler.len(), 1, "{printed}");
+    assert!(
+        pooler[0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains("role(s) legacy have an md5 password hash"),
+        "{printed}"
+    );
+    assert!(!printed.contains("role modern"), "{printed}");
+
+    // Re-set as SCRAM, nothing is left to say.
+    exec(
+        &pair.source,
+        "postgres",
+        "ALTER ROLE legacy PASSWORD 'legacy-secret'",
+    )
+    .await;
+    let (report, printed) = check_report(
+        &pair,
+        &pgpass,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        warnings_coded(&report, "md5_password").is_empty(),
+        "{printed}"
+    );
+    assert!(
+        warnings_coded(&report, "pgbouncer_md5_password").is_empty(),
+        "{printed}"
+    );
+}

@@ -18,6 +18,7 @@ pub mod names;
 pub mod observe;
 pub mod pgbouncer;
 pub mod plan;
+pub mod pooler_facts;
 pub mod preflight;
 pub mod schema;
 pub mod session;

@@ -10,6 +10,8 @@ use crate::schema::Tools;
 use crate::sql;
 use crate::upgrade::Upgrade;
 
+pub mod clients;
+
 /// A problem found, the object it concerns and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
@@ -118,6 +120,7 @@ pub struct Facts {
     /// subscribes.
     pub rollback_window: bool,
     pub target_identity: TargetIdentity,
+    pub clients: clients::ClientFacts,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +128,8 @@ pub struct Report {
     pub source_version: String,
     pub target_version: String,
     pub databases: Vec<DatabaseFacts>,
+    /// Each PgBouncer in front of the source, as its console reports it.
+    pub poolers: Vec<crate::pooler_facts::PoolerFacts>,
     pub blockers: Vec<Finding>,
     pub warnings: Vec<Finding>,
 }
@@ -156,6 +161,7 @@ pub fn evaluate(facts: &Facts) -> Report {
                 source_version: source.version.clone(),
                 target_version: target.version.clone(),
                 databases: facts.databases.clone(),
+                poolers: facts.clients.poolers.clone(),
                 blockers: vec![Finding {
                     code: "target_is_source",
                     object: "target server".into(),
@@ -472,10 +478,12 @@ pub fn evaluate(facts: &Facts) -> Report {
         }
     }
     warnings.extend(old_source_warnings(facts));
+    warnings.extend(clients::warnings(&facts.clients));
     Report {
         source_version: source.version.clone(),
         target_version: target.version.clone(),
         databases: facts.databases.clone(),
+        poolers: facts.clients.poolers.clone(),
         blockers,
         warnings,
     }
@@ -667,6 +675,7 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
             .collect();
         databases.push(facts);
     }
+    let clients = clients::gather(up, &source).await?;
     Ok(Facts {
         source,
         target,
@@ -675,6 +684,7 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
         resuming,
         target_identity,
         rollback_window: up.plan.rollback_window,
+        clients,
     })
 }
 
@@ -970,6 +980,17 @@ pub fn render(report: &Report) -> String {
             db.sequences
         ));
     }
+    for pooler in &report.poolers {
+        out.push_str(&format!(
+            "  PgBouncer {}: version {}, pool_mode {}, max_prepared_statements {}\n",
+            pooler.console,
+            pooler.version,
+            pooler.pool_mode,
+            pooler
+                .max_prepared_statements
+                .map_or("(none before 1.21)".to_string(), |n| n.to_string())
+        ));
+    }
     for (title, findings) in [
         ("blockers", &report.blockers),
         ("warnings", &report.warnings),
@@ -1034,6 +1055,7 @@ mod tests {
             resuming: false,
             target_identity: TargetIdentity::Distinct,
             rollback_window: true,
+            clients: Default::default(),
         }
     }
 

@@ -171,6 +171,10 @@ pub fn pgbouncer_secret(v: &Validated, admin_password: &str, auth_password: &str
     }))
 }
 
+/// Prepared statements PgBouncer tracks per client connection (its 1.24 default, set because
+/// 1.21–1.23 default to 0, which leaves clients that prepare failing after the cutover).
+pub const MAX_PREPARED_STATEMENTS: u32 = 200;
+
 /// Transaction pooling toward the route; clients keep their own users and passwords (SCRAM
 /// pass-through: the target has the same verifiers, roles are copied with them). After a failed
 /// server login PgBouncer waits `server_login_retry` before trying again, with clients held:
@@ -191,6 +195,9 @@ pub fn pgbouncer_config(v: &Validated, route_host: &str) -> ConfigMap {
          admin_users = {PGBOUNCER_ADMIN}\n\
          pool_mode = transaction\n\
          server_reset_query =\n\
+         ;; PgBouncer 1.21+: prepares each client's statements again on whichever server connection\n\
+         ;; runs them, the new server's after the cutover too.\n\
+         max_prepared_statements = {MAX_PREPARED_STATEMENTS}\n\
          ignore_startup_parameters = extra_float_digits,options\n\
          max_client_conn = 2000\n\
          default_pool_size = 20\n\
@@ -382,6 +389,7 @@ mod tests {
         assert!(ini.contains("pool_mode = transaction\n"));
         assert!(ini.contains("auth_user = postgres\n"));
         assert!(ini.contains("admin_users = pgshift_admin\n"));
+        assert!(ini.contains("\nmax_prepared_statements = 200\n"), "{ini}");
         let secret = pgbouncer_secret(&v, "adm\"in", "s\"ecret");
         owned_by_the_upgrade(&secret.metadata);
         let userlist = &secret.string_data.unwrap()["userlist.txt"];
