@@ -19,6 +19,7 @@ pub mod observe;
 pub mod pgbouncer;
 pub mod plan;
 pub mod preflight;
+pub mod privilege;
 pub mod schema;
 pub mod session;
 pub mod sql;
