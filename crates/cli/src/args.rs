@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Preflight: read-only checks of source, target and tools. Exit 0 ready, 1 blockers, 2 could not connect, 64 usage error.
-    Check(Common),
+    Check(CheckArgs),
     /// Run the upgrade from wherever it stands: schema, replication, catch-up, cutover.
     Run(RunArgs),
     /// Show where the upgrade stands, read from both servers.
@@ -67,10 +67,10 @@ impl Command {
     /// Whether the command was asked for JSON output (errors included).
     pub fn json(&self) -> bool {
         match self {
-            Command::Check(common)
-            | Command::Status(common)
-            | Command::Abort(common)
-            | Command::Cleanup(common) => common.json,
+            Command::Check(args) => args.common.json,
+            Command::Status(common) | Command::Abort(common) | Command::Cleanup(common) => {
+                common.json
+            }
             Command::Run(args) => args.common.json,
             Command::Cutover(args) | Command::Rollback(args) => args.common.json,
             Command::Demo(args) => args.json,
@@ -156,6 +156,15 @@ pub struct PgbouncerArgs {
     /// host:port PgBouncer uses for the target, if not the target URL's.
     #[arg(long, value_parser = parse_address, requires = "pgbouncer")]
     pub pgbouncer_target_address: Option<(String, u16)>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Check for `run --no-rollback-window`: leave out what only the rollback window needs.
+    #[arg(long)]
+    pub no_rollback_window: bool,
 }
 
 #[derive(Args, Debug)]

@@ -17,7 +17,7 @@ use pgshift_engine::{
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use args::{Cli, Command, Common, CutoverWhen};
+use args::{CheckArgs, Cli, Command, Common, CutoverWhen};
 
 /// Why a command failed: its exit code and its `kind` in the JSON error object (both listed in
 /// `pgshift --help` and docs/user-guide.md).
@@ -153,7 +153,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         _ => "cutover",
     };
     match command {
-        Command::Check(common) => check(common).await,
+        Command::Check(args) => check(args).await,
         Command::Run(args) => {
             let mut plan = plan(&args.common, "run")?;
             plan.max_pause = args.cutover.max_pause;
@@ -240,9 +240,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn check(common: Common) -> anyhow::Result<ExitCode> {
-    let mut upgrade =
-        Upgrade::observer(plan(&common, "check")?, pgshift_engine::events::discard()).await?;
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let common = args.common;
+    let mut plan = plan(&common, "check")?;
+    plan.rollback_window = !args.no_rollback_window;
+    let mut upgrade = Upgrade::observer(plan, pgshift_engine::events::discard()).await?;
     let report = upgrade.preflight().await?;
     if common.json {
         print_json(&report)?;

@@ -73,13 +73,42 @@ impl Upgrade {
                     .on(Side::Source, "creating the marker table")?;
             }
             Action::CreatePublication => {
-                self.conns(&name)
-                    .source
-                    .batch_execute(&sql::create_publication())
-                    .await
-                    .on(Side::Source, "creating the publication")
-                    .or_else(Error::made_meanwhile)?;
+                streams::create_forward_publication(&self.conns(&name).source).await?
             }
+            Action::CopyNewTables if self.plan.schema_tools_in_target_image => {
+                return Err(Error::Broken {
+                    database: name,
+                    why: format!(
+                        "table(s) {} were created on the source during the upgrade; create them on the target \
+                         with the same definitions (pgshift then publishes them and copies their rows)",
+                        tables_missing_on_target(db).join(", ")
+                    ),
+                });
+            }
+            Action::CopyNewTables => {
+                let tools = Tools::locate(self.plan.pg_bin_dir.as_deref())
+                    .ok_or_else(|| Error::Tool("pg_dump not found; pass --pg-bin-dir".into()))?;
+                schema::copy_new_tables(
+                    &tools,
+                    &self.plan.source.with_dbname(&name),
+                    &self.plan.target.with_dbname(&name),
+                    &db.unpublished
+                        .iter()
+                        .filter(|t| !t.on_target)
+                        .map(|t| (t.schema.clone(), t.name.clone()))
+                        .collect::<Vec<_>>(),
+                )
+                .await?;
+            }
+            Action::PublishNewTables => {
+                let tables: Vec<(String, String)> = db
+                    .unpublished
+                    .iter()
+                    .map(|t| (t.schema.clone(), t.name.clone()))
+                    .collect();
+                streams::add_to_forward_publication(&self.conns(&name).source, &tables).await?;
+            }
+            Action::RefreshSubscription => self.stream(db, Direction::Forward).refresh().await?,
             Action::CreateSlot => self.stream(db, Direction::Forward).create_slot().await?,
             Action::CreateSubscription(direction) => {
                 let (conninfo, publication, from) = match direction {
@@ -195,6 +224,16 @@ fn switch_point(db: &Database, direction: Direction) -> Result<String> {
             "the switch point of the {direction:?} stream was not recorded; run `pgshift cleanup` (after the switch) or `pgshift abort` (before it)"
         ),
     })
+}
+
+/// The tables created on the source since its table-list publication was made that the target
+/// lacks.
+fn tables_missing_on_target(db: &Database) -> Vec<String> {
+    db.unpublished
+        .iter()
+        .filter(|t| !t.on_target)
+        .map(|t| t.qualified())
+        .collect()
 }
 
 /// Materialized views hold no replicated rows: fill them from the replicated tables.

@@ -92,6 +92,13 @@ pub enum Action {
     ProtectSource,
     CreateSourceMeta,
     CreatePublication,
+    /// Tables created on the source during the upgrade, which its table-list publication
+    /// lacks: their definitions are copied to the target first.
+    CopyNewTables,
+    /// Those tables, now on the target, join the source's table-list publication.
+    PublishNewTables,
+    /// The forward subscription takes on the tables its publication gained, with their rows.
+    RefreshSubscription,
     CreateSlot,
     /// The forward subscription: an initial copy the first time; after a rollback without a
     /// copy, from the rollback's switch point. The back subscription: from the switch point.
@@ -139,6 +146,9 @@ impl Action {
             Action::ProtectTarget
             | Action::CreateSourceMeta
             | Action::CreatePublication
+            | Action::CopyNewTables
+            | Action::PublishNewTables
+            | Action::RefreshSubscription
             | Action::CreateSlot
             | Action::CreateSubscription(Direction::Forward)
             | Action::EnableSubscription(Direction::Forward)
@@ -187,6 +197,14 @@ fn before_switch(db: &Database, policy: &Policy) -> Action {
     if !db.forward.publication {
         return Action::CreatePublication;
     }
+    // A table-list publication is kept complete: a table created on the source since it was
+    // made is copied to the target, published and subscribed with its rows.
+    if db.unpublished.iter().any(|t| !t.on_target) {
+        return Action::CopyNewTables;
+    }
+    if !db.unpublished.is_empty() {
+        return Action::PublishNewTables;
+    }
     match (&db.forward.slot, &db.forward.subscription) {
         (None, None) if db.forward_from.is_some() => Action::Broken(format!(
             "the replication slot {} that the forward stream was to resume from after the rollback \
@@ -203,6 +221,7 @@ fn before_switch(db: &Database, policy: &Policy) -> Action {
         (Some(_), Some(sub)) if !sub.enabled && db.forward_from.is_some() => {
             Action::EnableSubscription(Direction::Forward)
         }
+        (Some(_), Some(_)) if !db.unsubscribed.is_empty() => Action::RefreshSubscription,
         (Some(_), Some(sub)) if sub.tables_total == 0 || sub.tables_ready < sub.tables_total => {
             Action::WaitForCopy
         }
@@ -402,6 +421,14 @@ mod tests {
         })
     }
 
+    fn new_table(on_target: bool) -> crate::observe::NewTable {
+        crate::observe::NewTable {
+            schema: "public".into(),
+            name: "late".into(),
+            on_target,
+        }
+    }
+
     /// The source serves, the target is in sync.
     fn synced() -> Database {
         Database {
@@ -484,6 +511,24 @@ mod tests {
                 synced,
                 |d| d.forward.publication = false,
                 Action::CreatePublication,
+            ),
+            (
+                "a table created on the source, not yet on the target",
+                synced,
+                |d| d.unpublished = vec![new_table(false), new_table(true)],
+                Action::CopyNewTables,
+            ),
+            (
+                "a new table on the target, not yet published",
+                synced,
+                |d| d.unpublished = vec![new_table(true)],
+                Action::PublishNewTables,
+            ),
+            (
+                "a published table the subscription has not taken on",
+                synced,
+                |d| d.unsubscribed = vec!["public.late".into()],
+                Action::RefreshSubscription,
             ),
             (
                 "no slot",

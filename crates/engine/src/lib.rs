@@ -20,6 +20,7 @@ pub mod pgbouncer;
 pub mod plan;
 pub mod pooler_facts;
 pub mod preflight;
+pub mod privilege;
 pub mod schema;
 pub mod session;
 pub mod sql;

@@ -40,6 +40,22 @@ pub struct Stream {
     pub subscription: Option<Subscription>,
 }
 
+/// A table created on the source during the upgrade that its table-list publication lacks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NewTable {
+    pub schema: String,
+    pub name: String,
+    /// The target has a table of that name (its definition was copied).
+    pub on_target: bool,
+}
+
+impl NewTable {
+    /// The table's name as SQL writes it.
+    pub fn qualified(&self) -> String {
+        sql::qualified(&self.schema, &self.name)
+    }
+}
+
 /// One database's state on both servers.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Database {
@@ -68,6 +84,12 @@ pub struct Database {
     pub back_from: Option<String>,
     /// The source LSN the forward stream resumes from after a rollback.
     pub forward_from: Option<String>,
+    /// Tables of the source that its table-list publication lacks (created during the
+    /// upgrade); always none under `FOR ALL TABLES`.
+    pub unpublished: Vec<NewTable>,
+    /// Tables the forward table-list publication carries that its subscription has not taken
+    /// on yet (their rows are not copied until it is refreshed).
+    pub unsubscribed: Vec<String>,
 }
 
 impl Database {
@@ -187,7 +209,90 @@ pub async fn database(
         db.forward.subscription = subscription(target, Side::Target, &forward_name).await?;
         db.back.publication = back_publication_exists(target).await?;
     }
+    if db.forward.publication && !db.switched() {
+        (db.unpublished, db.unsubscribed) =
+            table_list_gaps(source, target, db.forward.subscription.as_ref()).await?;
+    }
     Ok(db)
+}
+
+/// What the source's table-list publication lacks (tables created since it was made) and what
+/// the target's subscription has not taken on of it. Nothing under `FOR ALL TABLES`.
+async fn table_list_gaps(
+    source: &Client,
+    target: Option<&Client>,
+    subscription: Option<&Subscription>,
+) -> Result<(Vec<NewTable>, Vec<String>)> {
+    let table_list: bool = source
+        .query_opt(
+            "SELECT NOT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&names::PUBLICATION],
+        )
+        .await
+        .on(Side::Source, "reading the publication")?
+        .is_some_and(|r| r.get(0));
+    if !table_list {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let rows = source
+        .query(
+            &format!(
+                "{} AND NOT EXISTS (SELECT 1 FROM pg_publication_tables p
+                                    WHERE p.pubname = $3 AND p.schemaname = n.nspname AND p.tablename = c.relname)
+                 ORDER BY 1, 2",
+                crate::streams::PUBLISHABLE_TABLES
+            ),
+            &[&names::META_SCHEMA, &names::MARKER_TABLE, &names::PUBLICATION],
+        )
+        .await
+        .on(Side::Source, "looking for tables the publication lacks")?;
+    let mut unpublished = Vec::new();
+    for row in rows {
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        let on_target = match target {
+            Some(target) => target
+                .query_one(
+                    "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
+                    &[&schema, &name],
+                )
+                .await
+                .on(Side::Target, "looking for a new table")?
+                .get(0),
+            None => false,
+        };
+        unpublished.push(NewTable {
+            schema,
+            name,
+            on_target,
+        });
+    }
+    let (Some(target), Some(subscription)) = (target, subscription) else {
+        return Ok((unpublished, Vec::new()));
+    };
+    let subscribed: Vec<String> = target
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_subscription_rel r
+             JOIN pg_class c ON c.oid = r.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE r.srsubid = $1",
+            &[&subscription.oid],
+        )
+        .await
+        .on(Side::Target, "reading the subscription's tables")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let unsubscribed = source
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&names::PUBLICATION],
+        )
+        .await
+        .on(Side::Source, "reading the publication's tables")?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|table| !subscribed.contains(table))
+        .collect();
+    Ok((unpublished, unsubscribed))
 }
 
 /// Whether the target's database has the rollback window's publication.

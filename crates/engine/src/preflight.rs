@@ -121,6 +121,8 @@ pub struct Facts {
     pub rollback_window: bool,
     pub target_identity: TargetIdentity,
     pub clients: clients::ClientFacts,
+    /// What pgshift's role may do on each server.
+    pub privileges: crate::privilege::Privileges,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +134,8 @@ pub struct Report {
     pub poolers: Vec<crate::pooler_facts::PoolerFacts>,
     pub blockers: Vec<Finding>,
     pub warnings: Vec<Finding>,
+    /// The privilege model detected on each side.
+    pub privileges: crate::privilege::Privileges,
 }
 
 impl Report {
@@ -171,6 +175,7 @@ pub fn evaluate(facts: &Facts) -> Report {
                     fix: "point --target at the new server (another host or port), not at the source".into(),
                 }],
                 warnings: Vec::new(),
+                privileges: facts.privileges.clone(),
             };
         }
         TargetIdentity::CopyOfSource => block(
@@ -246,19 +251,8 @@ pub fn evaluate(facts: &Facts) -> Report {
     if facts.rollback_window {
         window_blockers(facts, &mut block);
     }
-    for (side, facts) in [("source", source), ("target", target)] {
-        if !facts.superuser {
-            block(
-                "privileges",
-                format!("{side} user {}", facts.user),
-                "is not a superuser; pgshift reads roles, publishes all tables and subscribes"
-                    .into(),
-                format!(
-                    "connect to the {side} as a superuser (or ALTER ROLE {} SUPERUSER)",
-                    facts.user
-                ),
-            );
-        }
+    for finding in crate::privilege::blockers(&facts.privileges, facts.rollback_window) {
+        block(finding.code, finding.object, finding.problem, finding.fix);
     }
     let databases = facts.databases.len() as i64;
     // One slot per database, plus the table-sync workers' temporary slots (two per subscription).
@@ -486,6 +480,7 @@ pub fn evaluate(facts: &Facts) -> Report {
         poolers: facts.clients.poolers.clone(),
         blockers,
         warnings,
+        privileges: facts.privileges.clone(),
     }
 }
 
@@ -685,6 +680,7 @@ pub(crate) async fn gather(up: &Upgrade) -> Result<Facts> {
         target_identity,
         rollback_window: up.plan.rollback_window,
         clients,
+        privileges: crate::privilege::gather(up).await?,
     })
 }
 
@@ -1018,6 +1014,20 @@ pub fn render(report: &Report) -> String {
 mod tests {
     use super::*;
 
+    fn superuser(major: i32) -> crate::privilege::RoleFacts {
+        crate::privilege::RoleFacts {
+            user: "postgres".into(),
+            major,
+            superuser: true,
+            replication: true,
+            create_subscription: major >= 16,
+            create_db: true,
+            create_role: true,
+            reads_pg_authid: true,
+            ..Default::default()
+        }
+    }
+
     fn server(version_num: i32) -> ServerFacts {
         ServerFacts {
             version: format!("{}.1", version_num / 10000),
@@ -1056,6 +1066,12 @@ mod tests {
             target_identity: TargetIdentity::Distinct,
             rollback_window: true,
             clients: Default::default(),
+            privileges: crate::privilege::Privileges {
+                source: superuser(15),
+                target: superuser(18),
+                databases: Vec::new(),
+                passwords_to_set: Vec::new(),
+            },
         }
     }
 
@@ -1125,11 +1141,14 @@ mod tests {
     #[test]
     fn non_superuser_blocks_and_slots_are_counted() {
         let mut f = facts();
-        f.source.superuser = false;
+        f.privileges.source.superuser = false;
         f.source.slots_in_use = 9;
-        assert_eq!(codes(&evaluate(&f)), ["privileges", "replication_slots"]);
+        assert_eq!(
+            codes(&evaluate(&f)),
+            ["window_source_superuser", "replication_slots"]
+        );
         f.resuming = true;
-        assert_eq!(codes(&evaluate(&f)), ["privileges"]);
+        assert_eq!(codes(&evaluate(&f)), ["window_source_superuser"]);
     }
 
     #[test]

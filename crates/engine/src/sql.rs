@@ -136,6 +136,24 @@ pub fn create_table_list_publication(name: &str, tables: &[(String, String)]) ->
     )
 }
 
+/// Adds these tables (schema, name) to a table-list publication.
+pub fn add_to_publication(name: &str, tables: &[(String, String)]) -> String {
+    let list: Vec<String> = tables.iter().map(|(s, t)| qualified(s, t)).collect();
+    format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        ident(name),
+        list.join(", ")
+    )
+}
+
+/// Makes a subscription take on the tables its publication gained, each with an initial copy.
+pub fn refresh_subscription(name: &str) -> String {
+    format!(
+        "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)",
+        ident(name)
+    )
+}
+
 /// Dropping a subscription whose slot is gone or unreachable: detach the slot first.
 pub fn detach_and_drop_subscription(name: &str) -> Vec<String> {
     vec![

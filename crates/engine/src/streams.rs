@@ -104,6 +104,14 @@ impl StreamEnds<'_> {
             .on(self.subscriber_side(), "enabling the subscription")
     }
 
+    /// The subscription takes on the tables its publication gained, and copies them.
+    pub async fn refresh(&self) -> Result<()> {
+        self.subscriber
+            .batch_execute(&sql::refresh_subscription(&self.name))
+            .await
+            .on(self.subscriber_side(), "refreshing the subscription")
+    }
+
     /// Drops the subscription and its slot (also a slot left without a subscription).
     pub async fn drop(&self) -> Result<()> {
         let exists: bool = self
@@ -137,26 +145,75 @@ impl StreamEnds<'_> {
     }
 }
 
+/// The tables a table-list publication of pgshift's carries: every table whose changes
+/// logical replication can send (permanent, not partitioned: a partitioned table's rows are in
+/// its partitions, listed themselves, as `FOR ALL TABLES` does), the marker table included and
+/// pgshift's state table never. (schema, name), in order.
+pub(crate) const PUBLISHABLE_TABLES: &str = "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p'
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+       AND NOT (n.nspname = $1 AND c.relname <> $2)";
+
+/// The tables of the session's database that a table-list publication would carry.
+async fn publishable_tables(server: &Client, side: Side) -> Result<Vec<(String, String)>> {
+    Ok(server
+        .query(
+            &format!("{PUBLISHABLE_TABLES} ORDER BY 1, 2"),
+            &[&names::META_SCHEMA, &names::MARKER_TABLE],
+        )
+        .await
+        .on(side, "listing the tables to publish")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// The source's publication for the forward stream. A superuser publishes `FOR ALL TABLES`, as
+/// always; another role may not, and publishes the list of the tables there are now (it owns
+/// them: preflight checked), which `add_to_forward_publication` keeps complete.
+pub(crate) async fn create_forward_publication(source: &Client) -> Result<()> {
+    let superuser: bool = source
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .on(Side::Source, "reading the privileges of pgshift's role")?
+        .get(0);
+    let statement = if superuser {
+        sql::create_publication()
+    } else {
+        sql::create_table_list_publication(
+            names::PUBLICATION,
+            &publishable_tables(source, Side::Source).await?,
+        )
+    };
+    source
+        .batch_execute(&statement)
+        .await
+        .on(Side::Source, "creating the publication")
+        .or_else(Error::made_meanwhile)
+}
+
+/// Adds tables created on the source during the upgrade to its table-list publication.
+pub(crate) async fn add_to_forward_publication(
+    source: &Client,
+    tables: &[(String, String)],
+) -> Result<()> {
+    source
+        .batch_execute(&sql::add_to_publication(names::PUBLICATION, tables))
+        .await
+        .on(Side::Source, "adding new tables to the publication")
+        .or_else(Error::made_meanwhile)
+}
+
 /// The target's publication for the back stream: every table of the database but pgshift's
 /// state table (which must never reach the source), the marker table included.
 pub(crate) async fn create_back_publication(target: &Client) -> Result<()> {
     if crate::observe::back_publication_exists(target).await? {
         return Ok(());
     }
-    let tables: Vec<(String, String)> = target
-        .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
-               AND NOT (n.nspname = $1 AND c.relname <> $2)
-             ORDER BY 1, 2",
-            &[&names::META_SCHEMA, &names::MARKER_TABLE],
-        )
-        .await
-        .on(Side::Target, "listing the tables to publish")?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let tables = publishable_tables(target, Side::Target).await?;
     target
         .batch_execute(&sql::create_table_list_publication(
             names::BACK_PUBLICATION,

@@ -160,7 +160,7 @@ impl Upgrade {
     }
 
     /// The moved databases that exist on the source (preflight reports the others).
-    async fn existing_source_databases(&self) -> Result<Vec<String>> {
+    pub(crate) async fn existing_source_databases(&self) -> Result<Vec<String>> {
         Ok(self
             .source_admin
             .query(

@@ -78,13 +78,29 @@ pub fn parse_tool_version(text: &str) -> Option<(String, i32)> {
 }
 
 /// Creates on the target the roles of the source that it lacks, then the memberships. Roles
-/// that exist are left as they are.
+/// that exist are left as they are. The password hashes come from pg_authid; a source role that
+/// may not read it (no superuser) copies the roles from pg_roles without them, and preflight
+/// has named every login role whose password the user sets on the target.
 pub async fn sync_roles(source: &Client, target: &Client) -> Result<usize> {
+    let reads_hashes: bool = source
+        .query_one(
+            "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')",
+            &[],
+        )
+        .await
+        .on(Side::Source, "reading roles")?
+        .get(0);
+    let (catalog, password) = match reads_hashes {
+        true => ("pg_authid", "rolpassword"),
+        false => ("pg_roles", "NULL::text"),
+    };
     let rows = source
         .query(
-            "SELECT rolname::text, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
-                    rolreplication, rolbypassrls, rolconnlimit, rolpassword, rolvaliduntil::text
-             FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY oid",
+            &format!(
+                "SELECT rolname::text, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
+                        rolreplication, rolbypassrls, rolconnlimit, {password}, rolvaliduntil::text
+                 FROM pg_catalog.{catalog} WHERE rolname !~ '^pg_' ORDER BY oid"
+            ),
             &[],
         )
         .await
@@ -194,6 +210,64 @@ pub async fn ensure_target_database(
             &format!("marking database {database} as pgshift's"),
         )?;
     Ok(true)
+}
+
+/// Copies the definitions of tables created on the source during the upgrade (with their
+/// sequences, defaults, indexes, constraints and triggers: what `pg_dump --table` dumps) into
+/// the target, in one transaction. Each table is named by an exact pattern (quoted: no
+/// wildcard in a name counts), and `--strict-names` fails rather than dump nothing.
+pub async fn copy_new_tables(
+    tools: &Tools,
+    source: &Endpoint,
+    target: &Endpoint,
+    tables: &[(String, String)],
+) -> Result<()> {
+    let passfile = MemoryFile::new("pgshift-pgpass", pgpass_text(&[source, target]).as_bytes())?;
+    let mut tables_only = vec!["--strict-names".to_string()];
+    tables_only.extend(
+        tables
+            .iter()
+            .map(|(schema, name)| format!("--table={}", sql::qualified(schema, name))),
+    );
+    let what = format!(
+        "the tables created on the source during the upgrade (database {})",
+        source.dbname
+    );
+    let dump = dump_schema(tools, &passfile, source, &tables_only, &what).await?;
+    restore_in_one_transaction(tools, &passfile, &dump, target)
+        .await
+        .map_err(|cause| {
+            Error::Tool(format!(
+                "copying the definitions of the tables created on the source during the upgrade into database {} \
+                 of the target failed (nothing was kept): {cause}",
+                target.dbname
+            ))
+        })
+}
+
+/// pg_dump of the source database's schema (`dump_options`, then `extra`): its output, or
+/// pg_dump's message as the error, naming `what` was dumped.
+async fn dump_schema(
+    tools: &Tools,
+    passfile: &MemoryFile,
+    source: &Endpoint,
+    extra: &[String],
+    what: &str,
+) -> Result<Vec<u8>> {
+    let dump = tool(&tools.pg_dump, &[passfile])
+        .args(dump_options())
+        .args(extra)
+        .arg(format!("--dbname={}", tool_conninfo(source)))
+        .output()
+        .await
+        .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
+    if !dump.status.success() {
+        return Err(Error::Tool(format!(
+            "pg_dump of {what} failed: {}",
+            String::from_utf8_lossy(&dump.stderr).trim()
+        )));
+    }
+    Ok(dump.stdout)
 }
 
 /// pg_dump's options for the schema (connection options aside).

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{dump_options, tool, tool_conninfo, MemoryFile, Tools};
+use super::{tool, tool_conninfo, MemoryFile, Tools};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result, Side, SqlContext};
 use crate::events::{Event, EventSink};
@@ -37,21 +37,15 @@ struct Archive {
 
 impl Archive {
     async fn dump(tools: &Tools, passfile: &MemoryFile, source: &Endpoint) -> Result<Archive> {
-        let dump = tool(&tools.pg_dump, &[passfile])
-            .args(dump_options())
-            .arg("--format=custom")
-            .arg(format!("--dbname={}", tool_conninfo(source)))
-            .output()
-            .await
-            .map_err(|e| Error::Tool(format!("cannot run {}: {e}", tools.pg_dump.display())))?;
-        if !dump.status.success() {
-            return Err(Error::Tool(format!(
-                "pg_dump of database {} failed: {}",
-                source.dbname,
-                String::from_utf8_lossy(&dump.stderr).trim()
-            )));
-        }
-        let file = MemoryFile::new("pgshift-schema-archive", &dump.stdout)?;
+        let dump = super::dump_schema(
+            tools,
+            passfile,
+            source,
+            &["--format=custom".to_string()],
+            &format!("database {}", source.dbname),
+        )
+        .await?;
+        let file = MemoryFile::new("pgshift-schema-archive", &dump)?;
         let list = |section: &'static str| {
             let file = &file;
             async move {
