@@ -38,7 +38,7 @@ pub async fn run(work: &Workload, mode: Mode) -> Result<MethodFigures> {
             entry.password = APP_PASSWORD.into();
             let bouncer =
                 PgBouncer::start(BouncerOptions::new(lab.dir.path(), vec![entry])).await?;
-            plan.traffic = Traffic::Pgbouncer(Box::new(bouncer_target(&bouncer)));
+            plan.traffic = Traffic::Pgbouncer(vec![bouncer_target(&bouncer)]);
             Some(bouncer)
         }
     };

@@ -145,15 +145,18 @@ pub struct Common {
 #[derive(Args, Debug, Clone)]
 pub struct PgbouncerArgs {
     /// PgBouncer's admin console, e.g. postgres://pgbouncer@bouncer:6432/pgbouncer. Without it, direct mode.
+    /// Repeat it for a fleet (several hosts, or so_reuseport processes each with its own
+    /// console): all are paused together, all or nothing.
     #[arg(long, requires = "pgbouncer_config")]
-    pub pgbouncer: Option<String>,
-    /// PgBouncer's config file, whose [databases] entries pgshift repoints at cutover.
+    pub pgbouncer: Vec<String>,
+    /// PgBouncer's config file, whose [databases] entries pgshift repoints at cutover. Once per
+    /// --pgbouncer, in the same order: the first config belongs to the first console.
     #[arg(long, requires = "pgbouncer")]
-    pub pgbouncer_config: Option<PathBuf>,
-    /// PgBouncer entries to move (default: every entry that points at the source).
+    pub pgbouncer_config: Vec<PathBuf>,
+    /// PgBouncer entries to move, on every PgBouncer (default: every entry that points at the source).
     #[arg(long, value_delimiter = ',', requires = "pgbouncer")]
     pub pgbouncer_db: Vec<String>,
-    /// host:port PgBouncer uses for the target, if not the target URL's.
+    /// host:port PgBouncer uses for the target, if not the target URL's (every PgBouncer).
     #[arg(long, value_parser = parse_address, requires = "pgbouncer")]
     pub pgbouncer_target_address: Option<(String, u16)>,
 }

@@ -172,10 +172,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "pgbouncer",
             Some(Secret::new(bouncer.admin_password())),
         );
-        plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget::new(
+        plan.traffic = Traffic::Pgbouncer(vec![PgbouncerTarget::new(
             admin,
             bouncer.config_path().to_path_buf(),
-        )));
+        )]);
     }
     let aborted = Arc::new(AtomicU32::new(0));
     // The fence's window, from the cutover's step events: (fence start, clients released).

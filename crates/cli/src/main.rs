@@ -320,18 +320,37 @@ pub fn plan(common: &Common, command: &str) -> anyhow::Result<Plan> {
     plan.target_address_for_source = common.target_address_from_source.clone();
     plan.source_tls_for_target = common.source_tls_from_target.clone();
     plan.target_tls_for_source = common.target_tls_from_source.clone();
-    // Clap requires --pgbouncer and --pgbouncer-config together.
-    if let (Some(admin), Some(config_path)) = (
-        &common.pgbouncer.pgbouncer,
-        &common.pgbouncer.pgbouncer_config,
-    ) {
-        plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget {
-            admin: Endpoint::parse(Side::Pgbouncer, admin, &passwords, &tls_env)?,
-            config_path: config_path.clone(),
-            entries: common.pgbouncer.pgbouncer_db.clone(),
-            source_address: None,
-            target_address: common.pgbouncer.pgbouncer_target_address.clone(),
-        }));
+    let bouncer = &common.pgbouncer;
+    // Clap requires --pgbouncer and --pgbouncer-config together; each console gets the config
+    // given at the same place.
+    if bouncer.pgbouncer.len() != bouncer.pgbouncer_config.len() {
+        return Err(Error::InvalidInput {
+            what: "--pgbouncer/--pgbouncer-config".into(),
+            problem: format!(
+                "{} consoles and {} config files; give each --pgbouncer its --pgbouncer-config, in the same order",
+                bouncer.pgbouncer.len(),
+                bouncer.pgbouncer_config.len()
+            ),
+        }
+        .into());
+    }
+    if !bouncer.pgbouncer.is_empty() {
+        plan.traffic = Traffic::Pgbouncer(
+            bouncer
+                .pgbouncer
+                .iter()
+                .zip(&bouncer.pgbouncer_config)
+                .map(|(admin, config_path)| {
+                    Ok(PgbouncerTarget {
+                        admin: Endpoint::parse(Side::Pgbouncer, admin, &passwords, &tls_env)?,
+                        config_path: config_path.clone(),
+                        entries: bouncer.pgbouncer_db.clone(),
+                        source_address: None,
+                        target_address: bouncer.pgbouncer_target_address.clone(),
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?,
+        );
     }
     Ok(plan)
 }

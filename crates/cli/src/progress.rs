@@ -149,7 +149,7 @@ impl Progress {
                 ),
             }),
             Event::CutoverStep { step, ms } => Some(format!("cutover: {step} {ms:.1} ms")),
-            Event::CutoverAborted { reason } => Some(format!("cutover aborted: {reason}")),
+            Event::CutoverAborted { reason, .. } => Some(format!("cutover aborted: {reason}")),
             Event::Warning { message } => Some(format!("warning: {message}")),
         };
         if let Some(line) = line {
@@ -231,6 +231,9 @@ pub fn render_status(status: &Status) -> String {
                 "  nobody holds it any more (the process and its guard are gone): run `pgshift run` or `pgshift cutover` to release the clients or finish the switch\n",
             ),
             None => {}
+        }
+        for session in &fence.blocking {
+            out.push_str(&format!("  held up by {session}\n"));
         }
     }
     for db in &status.databases {

@@ -345,15 +345,26 @@ impl Upgrade {
             .on(Side::Target, "reading the fence record")?;
         let place =
             lock::fence_places(&self.target_admin_endpoint, &[database.to_string()]).remove(0);
+        let (on, fenced) = match fence_step == step::FENCED_BACK {
+            true => (Side::Target, &self.target_admin),
+            false => (Side::Source, &self.source_admin),
+        };
+        // What holds it up only explains the fence: a PgBouncer out of reach says so and
+        // leaves the rest of the status intact.
+        let blocking = crate::cutover::holding_up_now(&self.plan.traffic, fenced, on)
+            .await
+            .unwrap_or_else(|error| {
+                self.emit(crate::events::Event::Warning {
+                    message: format!("cannot tell what holds the fence up: {error}"),
+                });
+                Vec::new()
+            });
         Ok(FenceStatus {
-            on: if fence_step == step::FENCED_BACK {
-                Side::Target
-            } else {
-                Side::Source
-            },
+            on,
             raised_by: row.get(0),
             since: row.get(1),
             guard: lock::fence_lock_holder(&self.target_admin, &place).await?,
+            blocking,
         })
     }
 }
@@ -378,6 +389,8 @@ pub struct FenceStatus {
     pub since: String,
     /// The fence guard that releases the clients should that process die, while it lives.
     pub guard: Option<Holder>,
+    /// Client sessions whose transactions hold a PAUSE up (with `--pgbouncer`).
+    pub blocking: Vec<crate::pgbouncer::BlockingSession>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -230,6 +230,7 @@ impl Upgrade {
                             step,
                             elapsed,
                             budget,
+                            ..
                         }) if attempts + 1 < patience.attempts => {
                             attempts += 1;
                             // The attempt itself reported CutoverAborted; say what happens next.

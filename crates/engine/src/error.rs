@@ -110,12 +110,15 @@ pub enum Error {
              Cutover is refused while apply is failing; fix the cause on the target, then run again")]
     ApplyFailing { database: String, cause: String },
 
-    #[error("cutover aborted after {elapsed:?} (budget {budget:?}) while {step}; clients were resumed on the \
-             source and replication keeps running. Find what slowed the step and run `pgshift cutover` again")]
+    #[error("cutover aborted after {elapsed:?} (budget {budget:?}) while {step}{}; clients were resumed on the \
+             source and replication keeps running. Find what slowed the step and run `pgshift cutover` again",
+             blocking_clause(.blocking))]
     CutoverAborted {
         step: String,
         elapsed: Duration,
         budget: Duration,
+        /// The client sessions whose transactions held the PAUSE up, if that is what was slow.
+        blocking: Vec<crate::pgbouncer::BlockingSession>,
     },
 
     /// The fence guard could not be started or reached.
@@ -287,6 +290,18 @@ pub(crate) fn connection_lost_or(
 }
 
 /// The server's own message (and detail/hint) of a driver error, for reports.
+/// ", held up by …" naming each session a PAUSE waited on (nothing when none did).
+fn blocking_clause(blocking: &[crate::pgbouncer::BlockingSession]) -> String {
+    if blocking.is_empty() {
+        return String::new();
+    }
+    let sessions: Vec<String> = blocking.iter().map(|s| s.to_string()).collect();
+    format!(
+        ", held up by a transaction left open: {} (end it or have its client commit or roll back)",
+        sessions.join("; ")
+    )
+}
+
 pub fn server_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => {

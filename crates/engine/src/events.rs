@@ -90,6 +90,8 @@ pub enum Event {
     },
     CutoverAborted {
         reason: String,
+        /// The client sessions whose transactions held the PAUSE up (see `reason`).
+        blocking: Vec<crate::pgbouncer::BlockingSession>,
     },
     Warning {
         message: String,

@@ -249,6 +249,16 @@ pub fn entries_at(
 }
 
 impl PgbouncerTarget {
+    /// How messages name this PgBouncer: its console and its config file.
+    pub fn label(&self) -> String {
+        format!(
+            "PgBouncer {}:{} (config {})",
+            self.admin.host,
+            self.admin.port,
+            self.config_path.display()
+        )
+    }
+
     /// How PgBouncer reaches a server whose URL is `endpoint`: the address given for it, or
     /// the URL's.
     pub fn address_of(&self, side: crate::error::Side, endpoint: &Endpoint) -> (String, u16) {
@@ -339,27 +349,148 @@ impl Admin {
         }
     }
 
-    /// The databases PgBouncer reports as paused (`SHOW DATABASES`, column `paused`).
-    pub async fn paused(&self) -> Result<Vec<String>> {
-        let messages = self
-            .client
-            .simple_query("SHOW DATABASES")
-            .await
-            .map_err(|e| {
-                connection_lost_or(e, Side::Pgbouncer, "running SHOW DATABASES", |e| {
-                    Error::Pgbouncer(format!("SHOW DATABASES failed: {e}"))
-                })
-            })?;
+    /// The rows a `SHOW …` command answers.
+    async fn rows(&self, show: &str) -> Result<Vec<tokio_postgres::SimpleQueryRow>> {
+        let messages = self.client.simple_query(show).await.map_err(|e| {
+            connection_lost_or(e, Side::Pgbouncer, &format!("running {show}"), |e| {
+                Error::Pgbouncer(format!("{show} failed: {e}"))
+            })
+        })?;
         Ok(messages
-            .iter()
+            .into_iter()
             .filter_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
                 _ => None,
             })
+            .collect())
+    }
+
+    /// The databases PgBouncer reports as paused (`SHOW DATABASES`, column `paused`).
+    pub async fn paused(&self) -> Result<Vec<String>> {
+        Ok(self
+            .rows("SHOW DATABASES")
+            .await?
+            .iter()
             .filter(|row| row.try_get("paused").ok().flatten() == Some("1"))
             .filter_map(|row| row.try_get("name").ok().flatten().map(str::to_string))
             .collect())
     }
+}
+
+/// A client session that holds a PAUSE up: a transaction on a server connection of a paused
+/// pool, which PgBouncer waits for (a long transaction, or one a client left open, e.g.
+/// `idle in transaction (aborted)`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockingSession {
+    /// The PgBouncer it goes through ([`PgbouncerTarget::label`], or the console's address).
+    pub pooler: String,
+    /// The server process on the server clients leave.
+    pub pid: i32,
+    pub database: String,
+    pub user: String,
+    pub application_name: String,
+    /// The application's address as PgBouncer sees it (the server sees PgBouncer's).
+    pub client_address: Option<String>,
+    /// `pg_stat_activity.state`, e.g. `idle in transaction (aborted)`.
+    pub state: String,
+    /// When its transaction began (UTC).
+    pub since: String,
+}
+
+impl std::fmt::Display for BlockingSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} (application_name {:?}, client {}, user {}, database {}) {} since {}, through {}",
+            self.pid,
+            self.application_name,
+            self.client_address.as_deref().unwrap_or("unknown"),
+            self.user,
+            self.database,
+            self.state,
+            self.since,
+            self.pooler
+        )
+    }
+}
+
+/// The sessions in a transaction that began at least `held_for` ago, on server connections of
+/// `pooler`'s pools (`entries`, or all of them), as the server they connect to (`server`)
+/// reports them: what a PAUSE that has waited `held_for` waits on.
+pub(crate) async fn blocking_sessions(
+    pooler: &str,
+    console: &Admin,
+    entries: Option<&[String]>,
+    server: &tokio_postgres::Client,
+    side: Side,
+    held_for: std::time::Duration,
+) -> Result<Vec<BlockingSession>> {
+    use crate::error::SqlContext;
+    let in_pool = |row: &tokio_postgres::SimpleQueryRow| {
+        entries.is_none_or(|names| {
+            row.try_get("database")
+                .ok()
+                .flatten()
+                .is_some_and(|db| names.iter().any(|n| n == db))
+        })
+    };
+    let servers = console.rows("SHOW SERVERS").await?;
+    let linked: Vec<(i32, Option<String>)> = servers
+        .iter()
+        .filter(|row| in_pool(row))
+        .filter_map(|row| {
+            let pid = row.try_get("remote_pid").ok().flatten()?.parse().ok()?;
+            Some((pid, row.try_get("link").ok().flatten().map(str::to_string)))
+        })
+        .collect();
+    if linked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let clients = console.rows("SHOW CLIENTS").await?;
+    let address_of = |link: &Option<String>| {
+        let client = clients
+            .iter()
+            .find(|c| link.is_some() && c.try_get("ptr").ok().flatten() == link.as_deref())?;
+        let addr = client.try_get("addr").ok().flatten()?;
+        let port = client.try_get("port").ok().flatten().unwrap_or("");
+        Some(format!("{addr}:{port}"))
+    };
+    let pids: Vec<i32> = linked.iter().map(|(pid, _)| *pid).collect();
+    // An aborted transaction has no xact_start any more: it holds the connection since its
+    // state changed.
+    let rows = server
+        .query(
+            "SELECT pid, coalesce(datname, ''), coalesce(usename, ''), coalesce(application_name, ''),
+                    host(client_addr), coalesce(state, ''),
+                    to_char(since AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.MS \"UTC\"')
+             FROM pg_stat_activity, coalesce(xact_start, state_change) AS since
+             WHERE pid = ANY($1) AND (xact_start IS NOT NULL OR state LIKE 'idle in transaction%')
+               AND since <= clock_timestamp() - make_interval(secs => $2)
+             ORDER BY since",
+            &[&pids, &held_for.as_secs_f64()],
+        )
+        .await
+        .on(side, "reading the sessions that hold the PAUSE up")?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let pid: i32 = row.get(0);
+            let link = linked
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .and_then(|(_, l)| l.clone());
+            BlockingSession {
+                pooler: pooler.to_string(),
+                pid,
+                database: row.get(1),
+                user: row.get(2),
+                application_name: row.get(3),
+                client_address: address_of(&link).or_else(|| row.get(4)),
+                state: row.get(5),
+                since: row.get(6),
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -23,8 +23,11 @@ pub enum Databases {
 
 #[derive(Debug, Clone)]
 pub enum Traffic {
-    /// PgBouncer fences and switches: zero failed client transactions.
-    Pgbouncer(Box<PgbouncerTarget>),
+    /// PgBouncer fences and switches: zero failed client transactions. Several PgBouncers (a
+    /// fleet: several hosts, or `so_reuseport` processes each with its own console) are paused
+    /// together — all or nothing: if one cannot pause within the budget, all resume on the
+    /// source — then each config is repointed and reloaded, and all are resumed.
+    Pgbouncer(Vec<PgbouncerTarget>),
     /// No pooler: the source is made read-only and its sessions ended; clients reconnect to
     /// the one server that accepts writes (libpq `target_session_attrs=read-write`).
     Direct,

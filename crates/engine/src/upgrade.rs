@@ -16,7 +16,7 @@ use crate::events::{Event, EventSink, Phase};
 use crate::lock;
 use crate::names::{self, step};
 use crate::observe::{self, Database};
-use crate::plan::{Databases, Plan, Traffic};
+use crate::plan::{Databases, Plan};
 use crate::preflight::{self, Report};
 use crate::schema;
 use crate::session::open;
@@ -373,10 +373,6 @@ impl Upgrade {
 
     /// Everything one switch in `direction` works on (see `cutover::Switch`).
     pub(crate) fn switch_inputs(&self, direction: Direction) -> Switch<'_> {
-        let address = |side: Side, endpoint: &Endpoint| match &self.plan.traffic {
-            Traffic::Pgbouncer(target) => target.address_of(side, endpoint),
-            _ => (endpoint.host.clone(), endpoint.port),
-        };
         let targets: Vec<&Client> = self.databases.iter().map(|n| self.target_of(n)).collect();
         let source = Server {
             side: Side::Source,
@@ -388,7 +384,6 @@ impl Upgrade {
                 .map(|n| &self.conns(n).source)
                 .collect(),
             own_pids: self.own_source_pids.clone(),
-            pgbouncer_address: address(Side::Source, &self.plan.source),
         };
         let target = Server {
             side: Side::Target,
@@ -396,7 +391,6 @@ impl Upgrade {
             admin: &self.target_admin,
             databases: targets.clone(),
             own_pids: self.own_target_pids.clone(),
-            pgbouncer_address: address(Side::Target, &self.plan.target),
         };
         let (from, to) = match direction {
             Direction::Forward => (source, target),

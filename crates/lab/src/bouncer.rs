@@ -233,6 +233,8 @@ impl BouncerOptions {
 /// A running PgBouncer on 127.0.0.1, run in the foreground as a supervised child
 /// (`PR_SET_PDEATHSIG = SIGKILL`), stopped on `Drop`.
 pub struct PgBouncer {
+    /// What it was started with, for [`PgBouncer::another`].
+    options: BouncerOptions,
     name: String,
     dir: PathBuf,
     config_path: PathBuf,
@@ -282,6 +284,7 @@ impl PgBouncer {
         let (binary_ref, identity_ref, settings_ref, lines_ref) =
             (&binary, &identity, &settings, &database_lines);
         let admin_password_ref = &admin_password;
+        let options_ref = &opts;
         let auth = opts.auth;
         on_free_port("PgBouncer", |port| async move {
             let config = render_config(&ConfigParts {
@@ -308,6 +311,7 @@ impl PgBouncer {
             identity_ref.apply(&mut cmd);
             let process = Supervised::spawn(cmd, libc::SIGKILL, &format!("pgbouncer-{name}"))?;
             let bouncer = PgBouncer {
+                options: options_ref.clone(),
                 name: name.clone(),
                 dir: dir_ref.clone(),
                 config_path: config_path_ref.clone(),
@@ -321,6 +325,12 @@ impl PgBouncer {
             Ok(bouncer)
         })
         .await
+    }
+
+    /// A second PgBouncer beside this one (a fleet): the same `[databases]` entries, users and
+    /// settings, its own directory `name`, config file, port and admin password.
+    pub async fn another(&self, name: impl Into<String>) -> Result<PgBouncer> {
+        PgBouncer::start(self.options.clone().name(name)).await
     }
 
     /// The TCP port on 127.0.0.1.

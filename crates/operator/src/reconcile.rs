@@ -475,6 +475,7 @@ async fn cut_over(
             step,
             elapsed,
             budget,
+            ..
         }) => {
             let reason = format!("{step} took longer than maxPause ({elapsed:?} of {budget:?})");
             let aborted = switch.get_or_insert_with(CutoverStatus::default);

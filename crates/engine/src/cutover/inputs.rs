@@ -10,6 +10,7 @@ use crate::decide::Direction;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Side};
 use crate::events::{Event, EventSink};
+use crate::pgbouncer::BlockingSession;
 use crate::plan::Traffic;
 
 use super::StepTiming;
@@ -24,8 +25,6 @@ pub(crate) struct Server<'a> {
     pub databases: Vec<&'a Client>,
     /// pgshift's own sessions on this server, which direct mode's fence does not end.
     pub own_pids: Vec<i32>,
-    /// How PgBouncer reaches this server.
-    pub pgbouncer_address: (String, u16),
 }
 
 /// Everything one switch (or one recovery of it) needs.
@@ -79,6 +78,9 @@ impl<'a> Clock<'a> {
             });
         }
     }
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
     pub fn elapsed_ms(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1e3
     }
@@ -86,10 +88,15 @@ impl<'a> Clock<'a> {
         self.budget.saturating_sub(self.started.elapsed())
     }
     pub fn over(&self, step: &str) -> Error {
+        self.held_up(step, Vec::new())
+    }
+    /// Over the budget while clients' transactions held the step up.
+    pub fn held_up(&self, step: &str, blocking: Vec<BlockingSession>) -> Error {
         Error::CutoverAborted {
             step: step.to_string(),
             elapsed: self.started.elapsed(),
             budget: self.budget,
+            blocking,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::guard::GuardHandle;
 use crate::lock;
 use crate::names::step;
 use crate::upgrade::{forget_step, record_step_value, Upgrade};
+pub(crate) use fence::holding_up_now;
 use fence::Fence;
 pub(crate) use inputs::{Clock, Server, Switch};
 use proof::{copy_sequences, precopy_sequences, wait_for_marker, SequenceValues};
@@ -76,6 +77,12 @@ pub(crate) async fn cutover(up: &mut Upgrade, direction: Direction) -> Result<Cu
     };
     let sw = up.switch_inputs(direction);
     let fence = Fence::prepare(&sw).await?;
+    // `status` names every PgBouncer the fence holds.
+    let poolers = fence.poolers();
+    let holder = match poolers.is_empty() {
+        true => holder,
+        false => format!("{holder}, pausing {}", poolers.join(", ")),
+    };
     let precopied =
         try_join_all((0..sw.databases.len()).map(|i| precopy_sequences(&sw.from, &sw.to, i)))
             .await?;
@@ -95,8 +102,13 @@ pub(crate) async fn cutover(up: &mut Upgrade, direction: Direction) -> Result<Cu
                 if let Some(guard) = guard {
                     guard.release().await?;
                 }
+                let blocking = match &error {
+                    Error::CutoverAborted { blocking, .. } => blocking.clone(),
+                    _ => Vec::new(),
+                };
                 sw.emit(Event::CutoverAborted {
                     reason: error.to_string(),
+                    blocking,
                 });
                 return Err(error);
             }

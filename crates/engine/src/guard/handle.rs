@@ -31,8 +31,8 @@ impl GuardHandle {
     /// the guard cannot move (a caller's router: the operator relies on its leader election).
     pub async fn start(program: &Path, up: &Upgrade) -> Result<Option<GuardHandle>> {
         let pgbouncer = match &up.plan.traffic {
-            Traffic::Pgbouncer(target) => Some(target.as_ref().into()),
-            Traffic::Direct => None,
+            Traffic::Pgbouncer(fleet) => fleet.iter().map(Into::into).collect(),
+            Traffic::Direct => Vec::new(),
             Traffic::Routed(_) => return Ok(None),
         };
         let config = Config {

@@ -21,7 +21,8 @@ pub(super) struct Config {
     pub source: WireEndpoint,
     pub target: WireEndpoint,
     pub databases: Vec<String>,
-    pub pgbouncer: Option<WirePgbouncer>,
+    /// Every PgBouncer of the fleet (none in direct mode).
+    pub pgbouncer: Vec<WirePgbouncer>,
     /// The worker's server sessions, ended before the guard acts: a statement the dead worker
     /// sent may still be running, and must not commit after the guard looked.
     pub worker_source_pids: Vec<i32>,
@@ -39,14 +40,19 @@ impl Config {
         plan.databases = Databases::Named(self.databases.clone());
         plan.max_pause = self.max_pause();
         plan.command = "fence guard".into();
-        if let Some(bouncer) = &self.pgbouncer {
-            plan.traffic = Traffic::Pgbouncer(Box::new(PgbouncerTarget {
-                admin: bouncer.admin.endpoint(),
-                config_path: bouncer.config_path.clone(),
-                entries: bouncer.entries.clone(),
-                source_address: bouncer.source_address.clone(),
-                target_address: bouncer.target_address.clone(),
-            }));
+        if !self.pgbouncer.is_empty() {
+            plan.traffic = Traffic::Pgbouncer(
+                self.pgbouncer
+                    .iter()
+                    .map(|bouncer| PgbouncerTarget {
+                        admin: bouncer.admin.endpoint(),
+                        config_path: bouncer.config_path.clone(),
+                        entries: bouncer.entries.clone(),
+                        source_address: bouncer.source_address.clone(),
+                        target_address: bouncer.target_address.clone(),
+                    })
+                    .collect(),
+            );
         }
         plan
     }

@@ -188,10 +188,10 @@ pub fn pgbouncer_traffic(bouncer: &pgshift_lab::PgBouncer) -> pgshift_engine::Tr
         "pgbouncer",
         Some(Secret::new(bouncer.admin_password())),
     );
-    pgshift_engine::Traffic::Pgbouncer(Box::new(pgshift_engine::pgbouncer::PgbouncerTarget::new(
+    pgshift_engine::Traffic::Pgbouncer(vec![pgshift_engine::pgbouncer::PgbouncerTarget::new(
         admin,
         bouncer.config_path().to_path_buf(),
-    )))
+    )])
 }
 
 /// The application's role: clients and PgBouncer log in as it. pgshift copies it (with its
