@@ -80,7 +80,7 @@ impl std::fmt::Display for SessionStateUse {
 /// The pooler consoles the plan pauses.
 fn pooler_consoles(traffic: &Traffic) -> Vec<&Endpoint> {
     match traffic {
-        Traffic::Pgbouncer(pgbouncer) => vec![&pgbouncer.admin],
+        Traffic::Pgbouncer(fleet) => fleet.iter().map(|pgbouncer| &pgbouncer.admin).collect(),
         Traffic::Routed(routed) => routed.poolers.iter().collect(),
         Traffic::Direct => Vec::new(),
     }
