@@ -101,8 +101,8 @@ async fn verify_finds_a_planted_difference_under_load_names_its_row_and_leaves_n
         &lab.pair.target,
         "app",
         &format!(
-            "SET default_transaction_read_only = off; SET session_replication_role = replica;
-             UPDATE big SET payload = 'planted' WHERE id = {PLANTED};"
+            "BEGIN READ WRITE; SET LOCAL session_replication_role = replica;
+             UPDATE big SET payload = 'planted' WHERE id = {PLANTED}; COMMIT;"
         ),
     )
     .await;
@@ -205,8 +205,8 @@ async fn typed_tables_verify_equal(source_major: u32) {
     exec(
         &lab.pair.target,
         "app",
-        "SET default_transaction_read_only = off; SET session_replication_role = replica;
-         UPDATE typed SET f8 = f8 + f8 * 2.3e-16 WHERE id = 4321;",
+        "BEGIN READ WRITE; SET LOCAL session_replication_role = replica;
+         UPDATE typed SET f8 = f8 + f8 * 2.3e-16 WHERE id = 4321; COMMIT;",
     )
     .await;
     let output = lab.output(&lab.direct_args("verify", &["--chunk-rows", "700"]));

@@ -302,7 +302,7 @@ async fn installed(client: &Client, side: Side) -> Result<bool> {
 }
 
 /// The functions on both servers, the control table on both (the subscription carries its
-/// rows once refreshed), and the target's result table and trigger.
+/// rows once refreshed), and the target's trigger.
 async fn install(source: &Client, target: &Client, subscription: &str) -> Result<()> {
     for (server, side) in [(source, Side::Source), (target, Side::Target)] {
         server

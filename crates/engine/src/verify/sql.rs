@@ -12,7 +12,6 @@ use crate::names;
 use crate::sql::{ident, literal, qualified};
 
 pub const CONTROL_TABLE: &str = "pgshift_verify_chunk";
-pub const RESULT_TABLE: &str = "pgshift_verify_result";
 const KEYS_FUNCTION: &str = "pgshift_verify_keys";
 const WHERE_FUNCTION: &str = "pgshift_verify_where";
 const SUM_FUNCTION: &str = "pgshift_verify_sum";
@@ -29,7 +28,7 @@ fn meta(name: &str) -> String {
 }
 
 /// The control table: one row per chunk to check, written on the source by the statement that
-/// sums the chunk there, and replicated to the target.
+/// sums the chunk there, and replicated to the target, where the trigger adds the target's answer.
 pub fn create_control_table() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {} (
@@ -37,6 +36,7 @@ pub fn create_control_table() -> String {
              schema_name text NOT NULL, table_name text NOT NULL,
              columns text[] NOT NULL, key_columns text[] NOT NULL, lower text[], upper text[],
              source_rows bigint NOT NULL, source_sum text NOT NULL,
+             target_rows bigint, target_sum text, matches boolean, problem text,
              PRIMARY KEY (run_id, request_no))",
         meta(CONTROL_TABLE)
     )
@@ -166,18 +166,15 @@ END $pgshift$;
     )
 }
 
-/// The target's side: the result table and the trigger that sums the chunk when its control
-/// row applies. `ENABLE ALWAYS`: the apply worker runs with session_replication_role = replica,
-/// where ordinary triggers do not fire. A failure is recorded, never raised: an error in the
-/// apply worker would stop the stream.
+/// The target's side: the trigger that sums the chunk when its control row applies and writes
+/// the answer into that row. `ENABLE ALWAYS`: the apply worker runs with
+/// session_replication_role = replica, where ordinary triggers do not fire. `BEFORE`, changing
+/// the applied row: the target database is read-only during the upgrade, and only the apply
+/// worker's own writes pass that (a trigger's INSERT would fail). A failure is recorded, never
+/// raised: an error in the apply worker would stop the stream.
 pub fn create_target_objects() -> String {
     format!(
         r#"
-CREATE TABLE IF NOT EXISTS {result} (
-    run_id text NOT NULL, request_no bigint NOT NULL, source_rows bigint NOT NULL,
-    target_rows bigint, target_sum text,
-    matches boolean NOT NULL, problem text, PRIMARY KEY (run_id, request_no));
-
 CREATE OR REPLACE FUNCTION {apply}() RETURNS trigger
 LANGUAGE plpgsql {PINNED} AS $pgshift$
 DECLARE
@@ -186,21 +183,20 @@ BEGIN
   BEGIN
     SELECT * INTO STRICT summed FROM {sum}(NEW.schema_name, NEW.table_name, NEW.columns,
                                             NEW.key_columns, NEW.lower, NEW.upper);
-    INSERT INTO {result} (run_id, request_no, source_rows, target_rows, target_sum, matches)
-    VALUES (NEW.run_id, NEW.request_no, NEW.source_rows, summed.row_count, summed.checksum,
-            summed.row_count = NEW.source_rows AND summed.checksum = NEW.source_sum);
+    NEW.target_rows := summed.row_count;
+    NEW.target_sum := summed.checksum;
+    NEW.matches := summed.row_count = NEW.source_rows AND summed.checksum = NEW.source_sum;
   EXCEPTION WHEN OTHERS THEN
-    INSERT INTO {result} (run_id, request_no, source_rows, matches, problem)
-    VALUES (NEW.run_id, NEW.request_no, NEW.source_rows, false, SQLERRM);
+    NEW.matches := false;
+    NEW.problem := SQLERRM;
   END;
-  RETURN NULL;
+  RETURN NEW;
 END $pgshift$;
 
 DROP TRIGGER IF EXISTS {trigger} ON {control};
-CREATE TRIGGER {trigger} AFTER INSERT ON {control} FOR EACH ROW EXECUTE PROCEDURE {apply}();
+CREATE TRIGGER {trigger} BEFORE INSERT ON {control} FOR EACH ROW EXECUTE PROCEDURE {apply}();
 ALTER TABLE {control} ENABLE ALWAYS TRIGGER {trigger};
 "#,
-        result = meta(RESULT_TABLE),
         apply = meta(APPLY_FUNCTION),
         sum = meta(SUM_FUNCTION),
         control = meta(CONTROL_TABLE),
@@ -232,12 +228,12 @@ pub fn next_bound() -> String {
     )
 }
 
-/// The results of a run's requests (`$1` run, `$2` request numbers) recorded on the target.
+/// The answers to a run's requests (`$1` run, `$2` request numbers) in the target's control rows.
 pub fn read_results() -> String {
     format!(
         "SELECT request_no, source_rows, coalesce(target_rows, -1), matches, problem FROM {}
-         WHERE run_id = $1 AND request_no = ANY($2)",
-        meta(RESULT_TABLE)
+         WHERE run_id = $1 AND request_no = ANY($2) AND matches IS NOT NULL",
+        meta(CONTROL_TABLE)
     )
 }
 
@@ -259,9 +255,8 @@ pub fn drop_objects() -> String {
         format!("{}(regclass, text[])", meta(KEYS_FUNCTION)),
     ];
     format!(
-        "DROP TABLE IF EXISTS {}, {}; DROP FUNCTION IF EXISTS {};",
+        "DROP TABLE IF EXISTS {}; DROP FUNCTION IF EXISTS {};",
         meta(CONTROL_TABLE),
-        meta(RESULT_TABLE),
         functions.join(", ")
     )
 }
@@ -269,11 +264,10 @@ pub fn drop_objects() -> String {
 /// Whether anything of verify's is installed in this database.
 pub fn installed() -> String {
     format!(
-        "SELECT to_regclass({control}) IS NOT NULL OR to_regclass({result}) IS NOT NULL
+        "SELECT to_regclass({control}) IS NOT NULL
              OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
                         WHERE n.nspname = {schema} AND p.proname LIKE 'pgshift\\_verify\\_%')",
         control = literal(&meta(CONTROL_TABLE)),
-        result = literal(&meta(RESULT_TABLE)),
         schema = literal(names::META_SCHEMA),
     )
 }
@@ -287,7 +281,6 @@ mod tests {
         let dropped = drop_objects();
         for name in [
             CONTROL_TABLE,
-            RESULT_TABLE,
             KEYS_FUNCTION,
             WHERE_FUNCTION,
             SUM_FUNCTION,
