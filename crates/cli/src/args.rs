@@ -48,6 +48,10 @@ pub enum Command {
     /// Go back to the source through the rollback window: the cutover in the other direction,
     /// then the forward stream resumes (retry with `run`/`cutover`, or `abort`).
     Rollback(CutoverArgs),
+    /// Check that every table on the target equals the source, while clients write and the
+    /// forward stream runs (after `run --cutover manual`). Exit 0 equal, 1 a difference (each named),
+    /// 2 could not verify, 3 another pgshift holds the upgrade, 64 usage error.
+    Verify(VerifyArgs),
     /// Stop an unfinished upgrade and remove everything pgshift created, on both sides.
     Abort(Common),
     /// After a finished upgrade: end the rollback window and drop the subscriptions, slots, publications and marker tables.
@@ -72,6 +76,7 @@ impl Command {
                 common.json
             }
             Command::Run(args) => args.common.json,
+            Command::Verify(args) => args.common.json,
             Command::Cutover(args) | Command::Rollback(args) => args.common.json,
             Command::Demo(args) => args.json,
             Command::Operator(_) | Command::Crd | Command::FenceGuard => false,
@@ -179,6 +184,20 @@ pub struct RunArgs {
     /// auto: cut over as soon as in sync; manual: stop at ready-for-cutover (then `pgshift cutover`).
     #[arg(long = "cutover", value_enum, default_value_t = CutoverWhen::Auto)]
     pub cutover_mode: CutoverWhen,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// At most this many rows per second summed on the source (the target sums as many, in its
+    /// apply worker); 0: no limit.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_rate: u64,
+    /// Rows per chunk: a differing chunk is checked again, then halved until the difference is
+    /// named to the row.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_rows: u64,
 }
 
 #[derive(Args, Debug)]

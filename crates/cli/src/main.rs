@@ -4,6 +4,7 @@ mod args;
 mod demo;
 mod output;
 mod progress;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,8 @@ enum Failure {
     Connection,
     /// The invocation must change: arguments, a URL, a password file.
     Usage,
+    /// `verify` could not finish (exit code 1 means a difference there).
+    NotVerified,
 }
 
 impl Failure {
@@ -46,10 +49,18 @@ impl Failure {
         }
     }
 
+    /// `verify` exits 1 only for a difference it found: whatever stopped it is 2.
+    fn of_verify(error: &anyhow::Error) -> Failure {
+        match Failure::of(error) {
+            Failure::Failed | Failure::Blocked => Failure::NotVerified,
+            other => other,
+        }
+    }
+
     fn exit_code(self) -> u8 {
         match self {
             Failure::Blocked | Failure::Failed => 1,
-            Failure::Connection => 2,
+            Failure::Connection | Failure::NotVerified => 2,
             Failure::Busy => 3,
             // EX_USAGE of sysexits.h; clap's own 2 would read as "could not connect".
             Failure::Usage => 64,
@@ -59,7 +70,7 @@ impl Failure {
     fn kind(self) -> &'static str {
         match self {
             Failure::Blocked => "blocked",
-            Failure::Failed => "failed",
+            Failure::Failed | Failure::NotVerified => "failed",
             Failure::Connection => "connection",
             Failure::Busy => "busy",
             Failure::Usage => "usage",
@@ -107,6 +118,7 @@ fn main() -> ExitCode {
         )
         .init();
     let json = cli.command.json();
+    let verifying = matches!(cli.command, Command::Verify(_));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -116,6 +128,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
+        Err(error) if verifying => Failure::of_verify(&error).report(&format!("{error:#}"), json),
         Err(error) => Failure::of(&error).report(&format!("{error:#}"), json),
     }
 }
@@ -211,6 +224,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Verify(args) => verify::run(args).await,
         Command::Abort(common) => {
             let mut upgrade =
                 Upgrade::connect(plan(&common, "abort")?, pgshift_engine::events::discard())

@@ -89,7 +89,11 @@ impl Upgrade {
             {
                 // The schema stays with the switch record on it: abort must never undo this.
                 target
-                    .batch_execute(&sql::drop_meta_tables())
+                    .batch_execute(&format!(
+                        "{} {}",
+                        crate::verify::sql::drop_objects(),
+                        sql::drop_meta_tables()
+                    ))
                     .await
                     .on(Side::Target, "dropping pgshift's tables")?;
                 removed.notes.push(format!(
@@ -243,7 +247,12 @@ impl Upgrade {
             let keep = observe::switch_record(source).await?.is_some();
             source
                 .batch_execute(&if keep {
-                    sql::drop_meta_tables()
+                    // What a killed `verify` left, beside the marker and state tables.
+                    format!(
+                        "{} {}",
+                        crate::verify::sql::drop_objects(),
+                        sql::drop_meta_tables()
+                    )
                 } else {
                     sql::drop_meta_schema()
                 })

@@ -29,6 +29,7 @@ mod streams;
 pub mod tls;
 pub mod toc;
 pub mod upgrade;
+pub mod verify;
 
 pub use endpoint::{Endpoint, PasswordSources, Secret};
 pub use error::{Error, Result, Side};
