@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use common::{through, APP_PASSWORD, APP_USER};
 use pgshift_lab::ledger::{Ledger, LedgerHandle, LoadOptions};
 use pgshift_lab::PgBouncer;
-use support::{nothing_lost, paused_entries, recorded, stderr, stdout, succeeds, until, CliLab};
+use support::{
+    nothing_lost, paused_entries, recorded, stderr, stdout, succeeds, until, CliLab, Running,
+};
 
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// What the issue allows past `--max-pause` for a release nobody asked for.
@@ -254,14 +256,13 @@ async fn one_pgbouncer_that_cannot_pause_aborts_the_attempt_on_all_naming_the_bl
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pgshift_killed_while_both_are_paused_has_its_guard_release_both() {
-    let fleet = Fleet::start().await;
-    let loads = fleet.load();
+/// Ready for the cutover, then a cutover inside its fence: a transaction left open through the
+/// first PgBouncer holds its PAUSE, the second pauses at once. Returns the running cutover and
+/// the client holding the first one up.
+async fn cutover_with_both_paused(fleet: &Fleet) -> (Running, tokio_postgres::Client) {
     succeeds(&fleet.lab, &fleet.args("run", &["--cutover", "manual"]));
-    // A transaction left open through the first holds its PAUSE; the second pauses at once.
     let holder = transaction_left_aborted(&fleet.lab.bouncer).await;
-    let mut cutover = fleet
+    let cutover = fleet
         .lab
         .spawn(&fleet.args("cutover", &["--max-pause", "2s"]));
     until("both paused", Duration::from_secs(20), || async {
@@ -270,6 +271,14 @@ async fn a_pgshift_killed_while_both_are_paused_has_its_guard_release_both() {
             && !paused_entries(&fleet.second).await.is_empty()
     })
     .await;
+    (cutover, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgshift_killed_while_both_are_paused_has_its_guard_release_both() {
+    let fleet = Fleet::start().await;
+    let loads = fleet.load();
+    let (mut cutover, holder) = cutover_with_both_paused(&fleet).await;
     cutover.kill();
     let killed = Instant::now();
     let guard = cutover.rest(MAX_PAUSE + RELEASE_SLACK).join("\n");
@@ -293,6 +302,49 @@ async fn a_pgshift_killed_while_both_are_paused_has_its_guard_release_both() {
     fleet.all_point_at(fleet.lab.pair.target.port());
     for load in loads {
         nothing_lost(load, &fleet.lab.pair.target, MAX_PAUSE + RELEASE_SLACK).await;
+    }
+}
+
+/// One PgBouncer stops answering (its host hangs) just as pgshift dies inside the fence: the
+/// guard releases the other one's clients within the budget, and the frozen one's once it
+/// answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_out_of_reach_keeps_no_other_paused_when_the_guard_releases() {
+    let fleet = Fleet::start().await;
+    let loads = fleet.load();
+    let (mut cutover, holder) = cutover_with_both_paused(&fleet).await;
+    fleet.lab.bouncer.freeze();
+    cutover.kill();
+    let killed = Instant::now();
+    let second_load = &loads[1];
+    let before = second_load.snapshot().committed;
+    until(
+        "clients committing through the PgBouncer that answers",
+        MAX_PAUSE + RELEASE_SLACK,
+        || async { second_load.snapshot().committed > before + 10 },
+    )
+    .await;
+    eprintln!(
+        "the reachable PgBouncer released {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        paused_entries(&fleet.second).await.is_empty(),
+        "the reachable PgBouncer still pauses entries"
+    );
+    fleet.lab.bouncer.thaw();
+    // The guard's login to the frozen console was waiting all along; it now gets through.
+    let guard = cutover.rest(Duration::from_secs(30)).join("\n");
+    assert!(guard.contains("clients released"), "{guard}");
+    committing(&loads, Duration::from_secs(10)).await;
+    fleet.none_paused().await;
+    fleet.all_point_at(fleet.lab.pair.source.port());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+
+    let rerun = succeeds(&fleet.lab, &fleet.args("run", &[]));
+    assert!(rerun.contains("finished: window_open"), "{rerun}");
+    for load in loads {
+        nothing_lost(load, &fleet.lab.pair.target, Duration::from_secs(10)).await;
     }
 }
 

@@ -37,7 +37,8 @@ fn long_transaction(
 }
 
 /// A cutover whose PAUSE waits on a transaction in flight for `seconds`: returned once its
-/// fence is recorded, so the switch cannot have happened yet.
+/// fence is recorded, so the switch cannot have happened yet (nor will it before the
+/// transaction ends).
 async fn cutover_held_in_the_fence(
     lab: &CliLab,
     seconds: f64,
@@ -193,8 +194,9 @@ async fn a_pgshift_killed_inside_the_fence_releases_clients_on_the_source_by_its
     let lab = CliLab::start(15, 18).await;
     let load = Ledger::run(through(&lab.bouncer), LoadOptions::new(4));
     succeeds(&lab, &lab.args("run", &["--cutover", "manual"]));
-    // PAUSE waits on a transaction: the fence is up, the switch cannot have happened.
-    let (mut cutover, long) = cutover_held_in_the_fence(&lab, 1.5).await;
+    // PAUSE waits on a transaction that outlasts the kill: the fence is up, the switch cannot
+    // have happened (a shorter one ended before the kill under load, and the cutover with it).
+    let (mut cutover, long) = cutover_held_in_the_fence(&lab, 5.0).await;
     cutover.kill();
     let killed = Instant::now();
     let guard = cutover.rest(MAX_PAUSE + RELEASE_SLACK).join("\n");

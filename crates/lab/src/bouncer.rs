@@ -418,6 +418,17 @@ impl PgBouncer {
         }
     }
 
+    /// Freezes the process (SIGSTOP): connections to it are accepted by the kernel and never
+    /// answered, as when its host stops responding. [`PgBouncer::thaw`] undoes it.
+    pub fn freeze(&self) {
+        self.process.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a frozen PgBouncer run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.process.signal(libc::SIGCONT);
+    }
+
     /// Stops PgBouncer (SIGQUIT, then SIGKILL after 5 s).
     pub async fn stop(self) -> Result<()> {
         tracing::info!(name = %self.name, "stopping pgbouncer");

@@ -156,9 +156,9 @@ pub enum Error {
     #[error("unexpected reply: {0}; this is a pgshift-lab bug or an unsupported server version, please report it")]
     UnexpectedReply(String),
 
-    /// An async API was called outside a Tokio runtime.
-    #[error("{0} needs a Tokio runtime: call it from async code running on Tokio")]
-    NoRuntime(&'static str),
+    /// The ledger's clients could not get threads of their own.
+    #[error("cannot start the ledger's runtime: {0}; the machine is out of threads or memory")]
+    LoadRuntime(std::io::Error),
 }
 
 impl Error {

@@ -181,3 +181,34 @@ async fn clients_replace_connections_that_reach_their_lifetime() {
     assert!(verification.is_ok(), "{verification:?}");
     assert_eq!(verification.found, report.committed);
 }
+
+/// A test that runs pgshift as a child process waits for it with a blocking call on the test's
+/// own (single-threaded) runtime: the load must keep writing meanwhile, or the "under load"
+/// cutover it checks happens with no writes at all.
+#[tokio::test]
+async fn the_load_keeps_writing_while_the_test_thread_blocks() {
+    require_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let server = PgServer::start(ServerOptions::new(18, dir.path(), "blocked"))
+        .await
+        .unwrap();
+    let client = server.connect("postgres").await.unwrap();
+    Ledger::install(&client, 10).await.unwrap();
+    let handle = Ledger::run(
+        LedgerTarget::server(&server, "postgres"),
+        LoadOptions::new(2),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = handle.snapshot().committed;
+    // What `Command::output()` does to the runtime while pgshift runs.
+    std::thread::sleep(Duration::from_secs(2));
+    let during = handle.snapshot().committed - before;
+    let report = handle.stop().await;
+    assert!(
+        during > 0,
+        "no commit while the test's thread was blocked for 2 s (before: {before}, after: {})",
+        report.committed
+    );
+    let verification = Ledger::verify(&client, &report).await.unwrap();
+    assert!(verification.is_ok(), "{verification:?}");
+}

@@ -172,13 +172,28 @@ impl Fence {
         }
     }
 
-    /// A fence that this process did not raise (recovery): how to lift it or release it.
-    pub async fn found(sw: &Switch<'_>) -> Result<Fence> {
+    /// Recovery's part on the fence it finds: with the switch recorded (`done`) clients are
+    /// released on `to`, otherwise the fence is lifted and they carry on on `from`. Every
+    /// PgBouncer is settled on its own and at once, so that one out of reach (its host down)
+    /// keeps no other's clients waiting; the first error comes back once the others are done.
+    pub async fn settle_found(sw: &Switch<'_>, done: bool) -> Result<()> {
         match sw.traffic {
-            Traffic::Pgbouncer(fleet) => Ok(Fence::Pgbouncer(
-                try_join_all(fleet.iter().map(|target| BouncerFence::found(target, sw))).await?,
-            )),
-            _ => Fence::prepare(sw).await,
+            Traffic::Pgbouncer(fleet) => {
+                every(fleet.iter().map(|target| async move {
+                    Fence::Pgbouncer(vec![BouncerFence::found(target, sw).await?])
+                        .settle(sw, done)
+                        .await
+                }))
+                .await
+            }
+            _ => Fence::prepare(sw).await?.settle(sw, done).await,
+        }
+    }
+
+    async fn settle(&self, sw: &Switch<'_>, done: bool) -> Result<()> {
+        match done {
+            true => self.release_to(sw).await,
+            false => self.lift(sw).await,
         }
     }
 

@@ -35,7 +35,6 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
         up.db(&name).await?;
     }
     let sw = up.switch_inputs(direction);
-    let fence = Fence::found(&sw).await?;
     if done {
         sw.emit(Event::Warning {
             message: format!(
@@ -44,7 +43,7 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
             ),
         });
         records::record_and_open(&sw).await?;
-        fence.release_to(&sw).await?;
+        Fence::settle_found(&sw, done).await?;
         records::mark_created_databases(&sw).await?;
     } else {
         sw.emit(Event::Warning {
@@ -53,7 +52,7 @@ pub(crate) async fn recover(up: &mut Upgrade) -> Result<()> {
                 sw.from.side
             ),
         });
-        fence.lift(&sw).await?;
+        Fence::settle_found(&sw, done).await?;
     }
     // Neither a forward fence nor a rollback's is up now.
     for target in &sw.records {

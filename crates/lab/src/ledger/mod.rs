@@ -308,9 +308,9 @@ impl Ledger {
     /// accounts from the database when it first connects); stop them with
     /// [`LedgerHandle::stop`].
     ///
-    /// Call it on a Tokio runtime. Unusable options (no clients, a rate that is not a
-    /// positive number) or a missing runtime start nothing: the report then carries the
-    /// reason as its only error.
+    /// The clients run on threads of their own, whatever the caller's runtime is doing.
+    /// Unusable options (no clients, a rate that is not a positive number) start nothing: the
+    /// report then carries the reason as its only error.
     pub fn run(target: LedgerTarget, opts: LoadOptions) -> LedgerHandle {
         let run_id: Arc<str> = random_token(8).to_ascii_lowercase().into();
         let counters = Arc::new(Counters::default());
@@ -324,6 +324,7 @@ impl Ledger {
             counters: counters.clone(),
             phase,
             tasks: Vec::new(),
+            runtime: None,
             setup_error: None,
         };
         let interval = match check_load(&opts) {
@@ -334,11 +335,22 @@ impl Ledger {
                 return handle;
             }
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            let problem = Error::NoRuntime("Ledger::run").to_string();
-            tracing::error!(%problem, "ledger run not started");
-            handle.setup_error = Some(problem);
-            return handle;
+        // The clients run on a runtime of their own: a test that waits for a child process
+        // with a blocking call on its single-threaded runtime would otherwise stop the load for
+        // exactly the moments it is meant to measure.
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ledger")
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(source) => {
+                let problem = Error::LoadRuntime(source).to_string();
+                tracing::error!(%problem, "ledger run not started");
+                handle.setup_error = Some(problem);
+                return handle;
+            }
         };
         let configs: Arc<[Config]> = target
             .configs
@@ -364,6 +376,7 @@ impl Ledger {
                 }))
             })
             .collect();
+        handle.runtime = Some(runtime);
         handle
     }
 
@@ -449,6 +462,8 @@ pub struct LedgerHandle {
     counters: Arc<Counters>,
     phase: watch::Sender<Phase>,
     tasks: Vec<JoinHandle<ClientRecord>>,
+    /// What the clients run on; shut down (without waiting) when the handle goes.
+    runtime: Option<tokio::runtime::Runtime>,
     /// Why no client was started, if none was.
     setup_error: Option<String>,
 }
@@ -547,6 +562,10 @@ impl LedgerHandle {
 impl Drop for LedgerHandle {
     fn drop(&mut self) {
         self.phase.send_replace(Phase::Abort);
+        // Dropping a runtime blocks on its workers, which is refused inside async code.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
