@@ -42,8 +42,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The checkout `cargo xtask` was run in. Cargo sets CARGO_MANIFEST_DIR for the process it
+/// runs; the path compiled in is only the fallback, because a target directory shared by two
+/// checkouts can hold an xtask built in the other one, which would then test that one.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()

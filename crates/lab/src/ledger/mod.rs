@@ -640,18 +640,17 @@ mod tests {
         assert_eq!(check_load(&LoadOptions::new(4)).unwrap(), None);
     }
 
+    /// The clients bring their own runtime: started from plain code they run (here they try
+    /// to connect to no host at all) until stopped.
     #[test]
-    fn run_outside_a_runtime_reports_why_nothing_ran() {
+    fn run_outside_a_runtime_starts_its_clients() {
         let handle = Ledger::run(LedgerTarget::new(Config::new()), LoadOptions::new(1));
+        std::thread::sleep(Duration::from_millis(200));
         let report = tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(handle.stop());
         assert_eq!(report.committed, 0);
-        assert!(
-            report.errors[0].0.contains("needs a Tokio runtime"),
-            "{:?}",
-            report.errors
-        );
+        assert!(report.connect_failures > 0, "{:?}", report.errors);
     }
 
     #[tokio::test]
