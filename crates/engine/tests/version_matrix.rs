@@ -517,10 +517,15 @@ mod old_publishers {
         upgrade_and_roll_back(12, 18).await;
     }
 
-    /// To a target that is not the newest: the schema is copied with the target's pg_dump, and
-    /// the lab has client tools for 15 and 18 only.
+    /// To targets that are not the newest: the schema is copied with the target's pg_dump (the
+    /// lab has client tools for 15, 16 and 18).
     #[tokio::test]
     async fn upgrade_10_to_15() {
         upgrade_and_roll_back(10, 15).await;
+    }
+
+    #[tokio::test]
+    async fn upgrade_12_to_16() {
+        upgrade_and_roll_back(12, 16).await;
     }
 }

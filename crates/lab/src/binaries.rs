@@ -54,6 +54,21 @@ impl Binaries {
         }
     }
 
+    /// pg_dump and psql of one major: the server's own `bin` where it has them (15, 18), else
+    /// the client tools setup installs apart (`<cache>/tools/<major>/bin`: 16).
+    pub fn client_tools(&self, major: u32) -> Result<PathBuf> {
+        let has_tools = |bin: &Path| ["pg_dump", "psql"].iter().all(|t| bin.join(t).is_file());
+        let server = self.cache.join("pg").join(major.to_string()).join("bin");
+        if has_tools(&server) {
+            return Ok(server);
+        }
+        let apart = self.cache.join("tools").join(major.to_string());
+        match has_tools(&apart.join("bin")) {
+            true => Ok(apart.join("bin")),
+            false => Err(Error::ClientToolsNotFound { major, dir: apart }),
+        }
+    }
+
     /// The majors whose server binaries are present, ascending.
     pub fn available_majors(&self) -> Vec<u32> {
         let Ok(entries) = std::fs::read_dir(self.cache.join("pg")) else {
@@ -120,5 +135,30 @@ mod tests {
         );
         assert!(msg.ends_with("pg/16: run `cargo xtask setup`"), "{msg}");
         assert!(binaries.available_majors().is_empty());
+    }
+
+    #[test]
+    fn client_tools_come_with_the_server_or_apart_or_the_error_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pg")).unwrap();
+        let binaries = Binaries::at(dir.path()).unwrap();
+        let msg = binaries.client_tools(16).unwrap_err().to_string();
+        assert!(msg.contains("tools/16: run `cargo xtask setup`"), "{msg}");
+        let tools = |at: &Path| {
+            std::fs::create_dir_all(at).unwrap();
+            for tool in ["pg_dump", "psql"] {
+                std::fs::write(at.join(tool), "").unwrap();
+            }
+        };
+        tools(&dir.path().join("tools/16/bin"));
+        assert_eq!(
+            binaries.client_tools(16).unwrap(),
+            dir.path().join("tools/16/bin")
+        );
+        tools(&dir.path().join("pg/16/bin"));
+        assert_eq!(
+            binaries.client_tools(16).unwrap(),
+            dir.path().join("pg/16/bin")
+        );
     }
 }

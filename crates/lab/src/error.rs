@@ -25,6 +25,15 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// One major's pg_dump and psql are missing from the cache.
+    #[error("pg_dump and psql of PostgreSQL {major} not found with its server nor in {dir}: run `cargo xtask setup`")]
+    ClientToolsNotFound {
+        /// The major version asked for.
+        major: u32,
+        /// Where the tools kept apart from the server were expected.
+        dir: PathBuf,
+    },
+
     /// PgBouncer is not installed.
     #[error("PgBouncer not found at {path}: run `cargo xtask setup`, which builds it")]
     PgBouncerNotFound {

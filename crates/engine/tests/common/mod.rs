@@ -90,9 +90,11 @@ pub fn plan(pair: &Pair, dbname: &str) -> Plan {
     plan
 }
 
-/// pg_dump and psql of the server's major (the lab installs them for 15 and 18).
+/// pg_dump and psql of the server's major (the lab installs them for 15, 16 and 18).
 pub fn tools_for(server: &PgServer) -> std::path::PathBuf {
-    server.bin_dir().to_path_buf()
+    pgshift_lab::Binaries::locate()
+        .and_then(|binaries| binaries.client_tools(server.major()))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub async fn exec(server: &PgServer, db: &str, sql: &str) {
