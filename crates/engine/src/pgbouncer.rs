@@ -350,7 +350,7 @@ impl Admin {
     }
 
     /// The rows a `SHOW …` command answers.
-    async fn rows(&self, show: &str) -> Result<Vec<tokio_postgres::SimpleQueryRow>> {
+    pub(crate) async fn rows(&self, show: &str) -> Result<Vec<tokio_postgres::SimpleQueryRow>> {
         let messages = self.client.simple_query(show).await.map_err(|e| {
             connection_lost_or(e, Side::Pgbouncer, &format!("running {show}"), |e| {
                 Error::Pgbouncer(format!("{show} failed: {e}"))

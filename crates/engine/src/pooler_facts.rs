@@ -3,10 +3,10 @@
 //! connections, its pooling mode, and how it authenticates clients.
 
 use serde::Serialize;
-use tokio_postgres::SimpleQueryMessage;
 
 use crate::endpoint::Endpoint;
-use crate::error::{connection_lost_or, Error, Result, Side};
+use crate::error::Result;
+use crate::pgbouncer::Admin;
 
 /// One PgBouncer, as its console reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -40,28 +40,20 @@ pub async fn read_all(consoles: &[&Endpoint]) -> Result<Vec<PoolerFacts>> {
 
 /// Reads one console's facts. The console speaks only the simple query protocol.
 pub async fn read(console: &Endpoint) -> Result<PoolerFacts> {
-    let client = console.connect().await?;
-    let show = |command: &'static str| {
-        let client = &client;
-        async move {
-            client.simple_query(command).await.map_err(|e| {
-                connection_lost_or(e, Side::Pgbouncer, &format!("running {command}"), |e| {
-                    Error::Pgbouncer(format!("{command} failed: {e}"))
-                })
-            })
-        }
-    };
-    let version = rows(&show("SHOW VERSION").await?)
+    let admin = Admin::connect(console).await?;
+    let version = admin
+        .rows("SHOW VERSION")
+        .await?
         .first()
-        .and_then(|row| row.first().cloned())
-        .map(|text| version_number(&text))
+        .and_then(|row| row.get(0))
+        .map(version_number)
         .unwrap_or_default();
-    let config = rows(&show("SHOW CONFIG").await?);
+    let config = admin.rows("SHOW CONFIG").await?;
     let setting = |key: &str| {
         config
             .iter()
-            .find(|row| row.first().map(String::as_str) == Some(key))
-            .and_then(|row| row.get(1).cloned())
+            .find(|row| row.get(0) == Some(key))
+            .and_then(|row| row.get(1).map(str::to_string))
     };
     Ok(PoolerFacts {
         console: format!("{}:{}", console.host, console.port),
@@ -70,21 +62,6 @@ pub async fn read(console: &Endpoint) -> Result<PoolerFacts> {
         pool_mode: setting("pool_mode").unwrap_or_default(),
         auth_type: setting("auth_type").unwrap_or_default(),
     })
-}
-
-/// Each row's columns as text (NULL as empty).
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<String>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or_default().to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 /// `PgBouncer 1.24.1` (or a bare `1.24.1`) to `1.24.1`.
